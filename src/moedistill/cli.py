@@ -1,0 +1,148 @@
+"""``moedistill <command> [options] [key=value ...]`` — thin glue over the library.
+
+Every command takes Hydra-style overrides (``loss.alpha=0.7``) on top of a config from
+``conf/distillation`` (``--config-name``, default ``tiny``: the embedded default).
+``-m/--multirun`` sweeps comma-separated values (``loss.alpha=0.3,0.7``), one run per
+combination, each in ``<output_dir>/sweep/<key=value,...>``.
+
+Errors a user can cause print one line (``error: ...``) and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+
+from moedistill.errors import UserError
+
+COMMANDS = {
+    "run": "compress -> cache (top-k and sampled) -> distill -> evaluate -> report, on one config",
+    "cache": "generate the offline teacher-logit cache (HDF5 shards + manifest)",
+    "inspect": "summarise a cache directory; --verify checks every shard",
+    "compress": "build the shared-core + wrapper student (checkpoint-0) from the teacher",
+    "train": "distill a student from the cache (stages, regex learning rates)",
+    "eval": "perplexity, agreement, KL and calibration of a model against the teacher",
+    "export": "write a compressed checkpoint back as a plain HF checkpoint",
+    "config": "print the resolved configuration",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="moedistill",
+        description="Knowledge distillation for compressed Mixture-of-Experts LLMs.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="commands:\n" + "\n".join(f"  {k:<9} {v}" for k, v in COMMANDS.items())
+        + "\n\nexamples:\n  moedistill run\n  moedistill train loss.alpha=0.7 loss.temperature=1.0\n"
+        "  moedistill inspect outputs/tiny/cache/topk --verify\n",
+    )
+    sub = p.add_subparsers(dest="command", metavar="command")
+    for name, help_ in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_, description=help_)
+        if name == "inspect":
+            sp.add_argument("path", help="cache directory")
+            sp.add_argument("--verify", action="store_true", help="check checksums, decode every row, look for NaN/inf")
+            continue
+        if name == "export":
+            sp.add_argument("checkpoint", help="compressed checkpoint directory (e.g. .../checkpoint-0)")
+            sp.add_argument("output", help="where to write the plain HF checkpoint")
+            sp.add_argument("--dtype", default=None, help="save dtype (float32, bfloat16, float16)")
+            continue
+        sp.add_argument("--config-name", "-c", default="tiny", help="config in conf/distillation or a YAML path (default: tiny)")
+        sp.add_argument("--multirun", "-m", action="store_true", help="sweep comma-separated override values")
+        if name == "eval":
+            sp.add_argument("--model", default=None, help="model to evaluate (default: the trained student)")
+            sp.add_argument("--cache", default=None, help="teacher cache of the eval split (default: built as needed)")
+            sp.add_argument("--output", default=None, help="write the metrics JSON here")
+        if name == "train":
+            sp.add_argument("--resume", default=None, nargs="?", const="latest",
+                            help="resume from a checkpoint directory, or the latest one with no value")
+        sp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. loss.alpha=0.7")
+    return p
+
+
+def expand_sweep(overrides: list[str]) -> list[list[str]]:
+    """``["a=1,2", "b=x"]`` -> ``[["a=1","b=x"], ["a=2","b=x"]]`` using Hydra's override grammar."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    try:
+        parsed = parser.parse_overrides(overrides)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"cannot parse overrides: {str(e).splitlines()[0]}") from None
+    choices = []
+    for ov in parsed:
+        key = ov.get_key_element()
+        if ov.is_sweep_override():
+            choices.append([f"{key}={v}" for v in ov.sweep_string_iterator()])
+        else:
+            choices.append([ov.input_line])
+    return [list(c) for c in itertools.product(*choices)] if choices else [[]]
+
+
+def _dispatch(args, cfg):
+    cmd = args.command
+    if cmd == "config":
+        from moedistill.config import dump_yaml
+
+        print(dump_yaml(cfg), end="")
+    elif cmd == "run":
+        from moedistill.pipeline import run
+
+        run(cfg)
+    elif cmd == "cache":
+        from moedistill.cache.generate import generate_from_config
+
+        generate_from_config(cfg)
+    elif cmd == "compress":
+        from moedistill.compression import compress_from_config
+
+        compress_from_config(cfg)
+    elif cmd == "train":
+        from moedistill.train import train_from_config
+
+        train_from_config(cfg, resume=args.resume)
+    elif cmd == "eval":
+        from moedistill.evaluate import eval_from_config
+
+        eval_from_config(cfg, model=args.model, cache=args.cache, output=args.output)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command is None:
+        _parser().print_help()
+        return 0
+    try:
+        if args.command == "inspect":
+            from moedistill.cache import inspect_cache
+
+            inspect_cache(args.path, verify=args.verify)
+            return 0
+        if args.command == "export":
+            from moedistill.compression import export_checkpoint
+
+            export_checkpoint(args.checkpoint, args.output, dtype=args.dtype)
+            return 0
+        from moedistill.config import load_config
+
+        runs = expand_sweep(args.overrides) if args.multirun else [args.overrides]
+        for overrides in runs:
+            cfg = load_config(args.config_name, overrides)
+            if args.multirun:
+                tag = ",".join(o.lstrip("+~") for o in overrides if "," not in o) or "base"
+                cfg.output_dir = f"{cfg.output_dir}/sweep/{tag.replace('/', '_')}"
+                print(f"[multirun] {' '.join(overrides)} -> {cfg.output_dir}", file=sys.stderr)
+            _dispatch(args, cfg)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

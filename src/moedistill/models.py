@@ -1,0 +1,113 @@
+"""Loading teachers and students: ``get_model(name_or_path)`` -> (model, tokenizer).
+
+One code path for everything: a hub id, a local directory (any HF causal LM, or a
+compressed checkpoint of ours) or the alias ``tiny`` for the embedded teacher all go
+through ``AutoModelForCausalLM.from_pretrained``. Our compressed model type is
+registered with the Auto classes on import of ``moedistill.compression``, so
+checkpoint-0 loads here and with plain ``AutoModelForCausalLM`` after ``import moedistill.compression``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from moedistill.data import ASSETS
+from moedistill.errors import UserError
+
+TINY_TEACHER = ASSETS / "tiny-teacher"
+ALIASES = {"tiny": TINY_TEACHER}
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def resolve(name_or_path: str) -> str:
+    """Map an alias to its directory; leave hub ids and paths alone."""
+    return str(ALIASES.get(str(name_or_path), name_or_path))
+
+
+def parse_dtype(dtype):
+    """``"bfloat16"`` / ``torch.bfloat16`` / ``"auto"`` / None -> what ``from_pretrained`` takes."""
+    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    if dtype not in _DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16, auto")
+    return _DTYPES[dtype]
+
+
+def _register_custom_models():
+    try:
+        import moedistill.compression  # noqa: F401  (registers the compressed MoE model type)
+    except ImportError:
+        pass
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    path = resolve(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise UserError(f"cannot load a tokenizer from {name_or_path!r}: {str(e).splitlines()[0]}") from None
+
+
+def get_model(
+    name_or_path: str,
+    *,
+    dtype=None,
+    device_map=None,
+    trust_remote_code: bool = False,
+    with_tokenizer: bool = True,
+    tokenizer_from: str | None = None,
+    **kwargs,
+):
+    """Load a causal LM and its tokenizer.
+
+    Args:
+        name_or_path: hub id (``Qwen/Qwen3-30B-A3B``), local directory, or ``"tiny"``.
+        dtype: ``"float32" | "bfloat16" | "float16" | "auto"`` or a ``torch.dtype``; None keeps
+            the checkpoint's dtype.
+        device_map: passed to ``from_pretrained`` (``"auto"`` spreads a large teacher over GPUs).
+        with_tokenizer: also load the tokenizer (from ``tokenizer_from`` or the same place).
+    Returns:
+        ``(model, tokenizer)``; tokenizer is None when ``with_tokenizer`` is False.
+    """
+    from transformers import AutoModelForCausalLM
+
+    _register_custom_models()
+    path = resolve(name_or_path)
+    if not Path(path).exists() and (path.startswith((".", "/", "~")) or Path(path).suffix):
+        raise UserError(f"model {name_or_path!r} does not exist; check the path")
+    load_kwargs = dict(trust_remote_code=trust_remote_code, **kwargs)
+    td = parse_dtype(dtype)
+    if td is not None:
+        load_kwargs["dtype"] = td
+    if device_map is not None:
+        load_kwargs["device_map"] = device_map
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **load_kwargs)
+    except OSError as e:
+        raise UserError(f"cannot load model {name_or_path!r}: {str(e).splitlines()[0]}") from None
+    model.eval()
+    tok = load_tokenizer(tokenizer_from or name_or_path, trust_remote_code) if with_tokenizer else None
+    return model, tok
+
+
+def model_fingerprint(model) -> str:
+    """Teacher identity for caches: name plus a hash of the config (architecture and sizes)."""
+    import hashlib
+    import json
+
+    cfg = model.config.to_dict()
+    for k in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash", "use_cache"):
+        cfg.pop(k, None)
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
