@@ -95,6 +95,17 @@ def unigram_perplexity(train: np.ndarray, val: np.ndarray, vocab: int) -> float:
     return float(math.exp(-logp[val[:, 1:].reshape(-1)].mean()))
 
 
+def evaluate_saved(path: Path, seq_len: int = 128) -> tuple[float, float]:
+    """Validation perplexity of the saved teacher and of the train-split unigram model."""
+    from moedistill.models import get_model
+
+    model, tok = get_model(str(path))
+    eos = eos_id_of(tok)
+    train = pack(tokenize(load_texts("tiny", split="train"), tok), seq_len, eos)
+    val = pack(tokenize(load_texts("tiny", split="validation"), tok), seq_len, eos)
+    return perplexity(model, val), unigram_perplexity(train, val, len(tok))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vocab_size", type=int, default=4096)
@@ -104,7 +115,12 @@ def main():
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--output_dir", type=Path, default=OUT)
+    ap.add_argument("--eval_only", action="store_true", help="only print the saved teacher's perplexities")
     args = ap.parse_args()
+    if args.eval_only:
+        ppl, uni = evaluate_saved(args.output_dir, args.seq_len)
+        print(f"validation perplexity: teacher {ppl:.2f}, unigram {uni:.2f}")
+        return
 
     torch.manual_seed(args.seed)
     torch.set_num_threads(max(1, torch.get_num_threads()))

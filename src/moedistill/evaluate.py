@@ -1,0 +1,198 @@
+"""Evaluation of a student against data and the teacher.
+
+Metrics (all per counted next-token position, labels already shifted):
+
+- ``perplexity`` / ``ce``: exp of the mean next-token cross-entropy of the model.
+- ``agreement``: fraction of positions where the model's argmax equals the teacher's.
+- ``kl``: KL(teacher || model) at temperature 1. With an online teacher it is exact over
+  the full vocabulary; with a top-k cache it is the KL between the two distributions
+  coarsened to the stored ids plus one bucket for the rest (a lower bound of the full KL
+  by the data-processing inequality, tight when the stored ids hold nearly all the mass).
+- ``ece``: expected calibration error of the next-token prediction: positions are binned
+  by the model's top-1 probability; ECE = sum_b |B_b|/N * |accuracy_b - confidence_b|.
+- ``expert_load`` (MoE models): per layer, the fraction of routed (token, slot) pairs that
+  went to each expert.
+
+``evaluate_model`` is a pure function of tensors and modules; ``eval_from_config`` is the
+``moedistill eval`` glue.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from moedistill.data import shifted_labels
+
+
+class _ExpertLoadRecorder:
+    """Counts the router's top-k choices of every MoE layer through forward hooks."""
+
+    def __init__(self, model):
+        self.counts: dict[str, torch.Tensor] = {}
+        self.handles = []
+        for name, mod in model.named_modules():
+            n_exp = getattr(mod, "num_experts", None)
+            if n_exp is not None and hasattr(mod, "top_k") and hasattr(mod, "weight") and name.endswith("gate"):
+                self.counts[name] = torch.zeros(n_exp, dtype=torch.float64)
+                self.handles.append(mod.register_forward_hook(self._hook(name)))
+
+    def _hook(self, name):
+        def hook(_mod, _inp, out):
+            idx = out[-1] if isinstance(out, tuple) else None
+            if idx is not None and idx.dtype in (torch.int64, torch.int32):
+                self.counts[name] += torch.bincount(idx.reshape(-1).cpu(), minlength=len(self.counts[name])).double()
+
+        return hook
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+    def fractions(self) -> dict[str, list[float]]:
+        return {k: (v / v.sum().clamp_min(1)).tolist() for k, v in self.counts.items() if v.sum() > 0}
+
+
+def _kl_full(t_logits: torch.Tensor, s_logp: torch.Tensor) -> torch.Tensor:
+    t_logp = F.log_softmax(t_logits.float(), dim=-1)
+    return (t_logp.exp() * (t_logp - s_logp)).sum(-1)
+
+
+def _kl_sparse(ids: torch.Tensor, t_lp: torch.Tensor, s_logp: torch.Tensor) -> torch.Tensor:
+    """KL over the stored ids plus one bucket for the remaining mass (teacher and model)."""
+    valid = ids >= 0
+    safe = ids.clamp_min(0)
+    t_lp = torch.where(valid, t_lp.float(), torch.full_like(t_lp.float(), -math.inf))
+    s_sel = torch.where(valid, s_logp.gather(-1, safe), torch.full_like(t_lp, -math.inf))
+    q = t_lp.exp()
+    kl_in = torch.where(valid, q * (t_lp - s_sel), torch.zeros_like(q)).sum(-1)
+    q_rest = (1 - q.sum(-1)).clamp_min(0)
+    p_rest = (1 - s_sel.exp().sum(-1)).clamp_min(1e-12)
+    kl_rest = torch.where(q_rest > 1e-12, q_rest * (q_rest.clamp_min(1e-12).log() - p_rest.log()), torch.zeros_like(q_rest))
+    return kl_in + kl_rest
+
+
+@torch.no_grad()
+def evaluate_model(
+    model,
+    input_ids: np.ndarray | torch.Tensor,
+    *,
+    teacher=None,
+    teacher_targets=None,
+    batch_size: int = 8,
+    ece_bins: int = 15,
+    desc: str = "eval",
+) -> dict:
+    """Evaluate ``model`` on packed blocks.
+
+    Args:
+        model: a causal LM returning ``.logits`` [B, L, V].
+        input_ids: int [N, L] packed blocks.
+        teacher: optional teacher model (exact KL and agreement), or
+        teacher_targets: optional sequence of cache items (dicts with ``target_ids`` [L, K]
+            and ``target_logprobs`` [L, K]) aligned with ``input_ids`` (top-k cache).
+    Returns:
+        dict with ``perplexity``, ``ce``, ``tokens`` and, given a teacher, ``agreement``
+        and ``kl``; ``ece``; ``expert_load`` for MoE models.
+    """
+    device = next(model.parameters()).device
+    x_all = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
+    model.eval()
+    rec = _ExpertLoadRecorder(model)
+    sums = {"nll": 0.0, "agree": 0.0, "kl": 0.0, "n": 0}
+    conf_sum = torch.zeros(ece_bins, dtype=torch.float64)
+    acc_sum = torch.zeros(ece_bins, dtype=torch.float64)
+    cnt = torch.zeros(ece_bins, dtype=torch.float64)
+    has_teacher = teacher is not None or teacher_targets is not None
+    try:
+        for i in tqdm(range(0, len(x_all), batch_size), desc=desc, unit="batch", leave=False):
+            x = x_all[i : i + batch_size].to(device)
+            y = shifted_labels(x)
+            mask = y != -100
+            s_logp = F.log_softmax(model(input_ids=x).logits.float(), dim=-1)[mask]  # [n, V]
+            yy = y[mask]
+            sums["nll"] += -s_logp.gather(-1, yy[:, None]).sum().item()
+            sums["n"] += int(mask.sum())
+            conf, pred = s_logp.max(-1)
+            conf = conf.exp().double().cpu()
+            correct = (pred == yy).double().cpu()
+            b = (conf * ece_bins).long().clamp(max=ece_bins - 1)
+            conf_sum += torch.bincount(b, conf, ece_bins)
+            acc_sum += torch.bincount(b, correct, ece_bins)
+            cnt += torch.bincount(b, minlength=ece_bins).double()
+            if teacher is not None:
+                t_logits = teacher(input_ids=x.to(next(teacher.parameters()).device)).logits.to(device)[mask]
+                sums["kl"] += _kl_full(t_logits, s_logp).sum().item()
+                sums["agree"] += (t_logits.argmax(-1) == pred).sum().item()
+            elif teacher_targets is not None:
+                items = [teacher_targets[j] for j in range(i, min(i + batch_size, len(x_all)))]
+                ids = torch.stack([torch.as_tensor(it["target_ids"]) for it in items]).to(device)[mask]
+                lps = torch.stack([torch.as_tensor(it["target_logprobs"]) for it in items]).to(device)[mask]
+                sums["kl"] += _kl_sparse(ids, lps, s_logp).sum().item()
+                top = lps.masked_fill(ids < 0, -math.inf).argmax(-1, keepdim=True)
+                sums["agree"] += (ids.gather(-1, top).squeeze(-1) == pred).sum().item()
+    finally:
+        rec.close()
+    n = max(sums["n"], 1)
+    out = {
+        "ce": sums["nll"] / n,
+        "perplexity": math.exp(sums["nll"] / n),
+        "tokens": sums["n"],
+        "ece": float(((acc_sum - conf_sum).abs()).sum() / cnt.sum().clamp_min(1)),
+    }
+    if has_teacher:
+        out["agreement"] = sums["agree"] / n
+        out["kl"] = sums["kl"] / n
+    load = rec.fractions()
+    if load:
+        out["expert_load"] = load
+    return out
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def eval_from_config(cfg, model: str | None = None, cache: str | None = None, output: str | None = None) -> dict:
+    """``moedistill eval``: evaluate ``model`` (default: the trained top-k student) on the eval split.
+
+    The teacher is used online when it fits (it is loaded from ``cfg.teacher``); with
+    ``cache`` (a cache of the eval split) the teacher is not loaded at all.
+    """
+    from moedistill.data import prepare
+    from moedistill.models import get_model
+
+    name = model or str(Path(cfg.output_dir) / "train" / "topk" / "final")
+    student, _ = get_model(name, dtype=cfg.student.dtype, trust_remote_code=cfg.student.trust_remote_code, with_tokenizer=False)
+    teacher, tok = None, None
+    targets = None
+    if cache:
+        from moedistill.cache import open_cache
+
+        targets = open_cache(cache)
+        blocks = np.stack([targets[i]["input_ids"].numpy() for i in range(len(targets))])
+    else:
+        teacher, tok = get_model(cfg.teacher.name, dtype=cfg.teacher.dtype, device_map=cfg.teacher.device_map,
+                                 trust_remote_code=cfg.teacher.trust_remote_code)
+        blocks = prepare(tok, cfg.data.dataset, seq_len=cfg.data.seq_len, dataset_config=cfg.data.dataset_config,
+                         split=cfg.data.eval_split, text_field=cfg.data.text_field,
+                         max_sequences=cfg.eval.max_sequences or cfg.data.eval_max_sequences).blocks
+    if cfg.eval.max_sequences:
+        blocks = blocks[: cfg.eval.max_sequences]
+    metrics = evaluate_model(student, blocks, teacher=teacher, teacher_targets=targets,
+                             batch_size=cfg.eval.batch_size, ece_bins=cfg.eval.ece_bins)
+    metrics["model"] = name
+    metrics["parameters"] = count_parameters(student)
+    text = json.dumps(metrics, indent=2)
+    if output:
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(text + "\n")
+    summary = {k: v for k, v in metrics.items() if k != "expert_load"}
+    print(json.dumps(summary, indent=2))
+    return metrics

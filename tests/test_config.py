@@ -1,0 +1,78 @@
+"""Config validation: each bad value stops the CLI with one line and exit code 2."""
+
+import subprocess
+import sys
+
+import pytest
+
+from moedistill.config import Config, available_configs, load_config
+from moedistill.errors import UserError
+
+
+def test_both_shipped_configs_validate():
+    assert {"default", "tiny"} <= set(available_configs())
+    seed = load_config("default")
+    assert seed.loss.alpha == 0.5 and seed.loss.temperature == 2.0
+    assert seed.training["learning_rate"] == 5e-5 and seed.training["num_train_epochs"] == 3
+    assert [(r.pattern, r.lr_multiplier) for r in seed.param_groups.rules] == [
+        (".*shared_core.*", 1.0), (".*wrapper.*", 1.0), (".*embed_tokens.*", 0.1), (".*lm_head.*", 0.1), (".*norm.*", 0.5),
+    ]
+    tiny = load_config("tiny")
+    assert isinstance(tiny, Config) and tiny.teacher.name == "tiny"
+
+
+def test_overrides_apply():
+    cfg = load_config("tiny", ["loss.alpha=0.7", "cache.top_k=8", "data.seq_len=64"])
+    assert (cfg.loss.alpha, cfg.cache.top_k, cfg.data.seq_len) == (0.7, 8, 64)
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("loss.alpha=1.5", "loss.alpha=1.5 is outside [0, 1]"),
+        ("loss.alpha=-0.1", "outside [0, 1]"),
+        ("loss.temperature=0", "loss.temperature=0.0 must be > 0"),
+        ("loss.temperature=-2", "must be > 0"),
+        ("cache.top_k=0", "cache.top_k=0 must be >= 1"),
+        ("+loss.alpah=0.3", "unknown key 'loss.alpah'"),
+        ("loss.alpah=0.3", "unknown key 'loss.alpah'"),
+        ("+training.learnin_rate=1", "training.learnin_rate"),
+        ("param_groups.rules=[{pattern: '(['}]", "is not a valid regex"),
+        ("loss.tail=bogus", "must be renormalize, tail or sample"),
+        ("loss.alpha=abc", "must be a number"),
+    ],
+)
+def test_bad_values_raise_one_line(override, needle):
+    with pytest.raises(UserError) as e:
+        load_config("tiny", [override])
+    assert needle in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_stage_needs_exactly_one_length():
+    with pytest.raises(UserError, match="exactly one of num_train_epochs or max_steps"):
+        load_config("tiny", ["stages=[{name: a}]"])
+
+
+@pytest.mark.parametrize("override", ["loss.alpha=2", "loss.temperature=0", "cache.top_k=0",
+                                      "+loss.alpah=1", "param_groups.rules=[{pattern: '(['}]"])
+def test_cli_exits_2_with_one_line(override):
+    r = subprocess.run([sys.executable, "-m", "moedistill.cli", "config", override], capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: config:"), r.stderr
+    assert r.stdout == ""
+
+
+def test_cli_help_lists_commands():
+    r = subprocess.run([sys.executable, "-m", "moedistill.cli", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0
+    for cmd in ("run", "cache", "inspect", "compress", "train", "eval", "export"):
+        assert cmd in r.stdout
+
+
+def test_multirun_expands_sweeps():
+    from moedistill.cli import expand_sweep
+
+    runs = expand_sweep(["loss.alpha=0.3,0.7", "cache.top_k=8"])
+    assert runs == [["loss.alpha=0.3", "cache.top_k=8"], ["loss.alpha=0.7", "cache.top_k=8"]]
