@@ -1,0 +1,440 @@
+"""The distillation loss: cross-entropy on the labels blended with KL to the teacher.
+
+    L = (1 - alpha) * CE(student, labels) + alpha * T^2 * KL(q_T || p_T)
+
+``p_T = softmax(z / T)`` over the student's full vocabulary; ``q_T`` is the teacher at
+temperature T. Offline, the teacher comes from the cache as sparse log-probabilities
+(``distillation_loss``); online, or with ``k = V``, from full teacher logits
+(``dense_distillation_loss``). Both are pure functions on tensors, no Trainer inside.
+
+Why chunked, and why a custom autograd function: at V = 151,936 the student's logits for
+4,096 positions are 2.5 GB in float32. Upcasting them whole (bf16 -> fp32) doubles that,
+``log_softmax`` keeps another copy for backward, and its backward makes one more; a
+dense teacher of the same shape (the seed scattered the top-k into a full-vocabulary
+tensor) adds several more. Here the counted positions are processed ``chunk_size`` at a
+time: each chunk is upcast to fp32, normalised with one max/exp/sum pass per
+temperature, and its gradient w.r.t. the logits is written straight into one buffer of
+the input's dtype. The backward pass only scales that buffer, so fwd+bwd holds the
+logits, their gradient and a few chunk-sized fp32 temporaries -- never a second [B, T, V]
+tensor. The price: the backward runs once (``retain_graph`` double backward is refused)
+and the loss has no second derivative.
+
+How each ``tail`` mode builds q_T from the stored ids S (log-probs ``lp`` at T=1 over
+the full vocabulary, padding ``id = -1`` / ``lp = -inf`` ignored):
+
+* ``renormalize`` (the seed's behaviour): q_T(i) = exp(lp_i / T) / sum_{j in S} exp(lp_j / T).
+  The mass outside S is dropped and the student is pulled towards S only.
+* ``tail``: both distributions get one extra bucket for everything outside S, and KL is
+  taken between these coarsened (|S| + 1)-outcome distributions (a lower bound on the
+  full KL by the data-processing inequality; exact when the tail is empty).
+  Student bucket: p_T(tail) = sum_{j not in S} p_T(j), the exact tempered mass outside S,
+  summed directly over the masked row (not ``1 - sum_S``, which cancels catastrophically).
+  Teacher bucket, tempered the same way (temper first, then sum over the tail): the
+  tail's mass at T=1 is r = 1 - sum_S exp(lp_i), but how it spreads over the V - |S|
+  unseen ids is unknown, and sum_tail q_j^(1/T) depends on that. We assume it is spread
+  evenly over  n = clamp(r / q_min, 1, V - |S|)  ids, where q_min = min_S exp(lp_i):
+  as few ids as the top-k order allows (no unseen id may beat a stored one), so the
+  bucket's unnormalised tempered weight is  n * (r / n)^(1/T)  and
+  q_T(tail) = that / (sum_S exp(lp_i / T) + that). Why this choice: it is exact at T=1
+  for any spread; it vanishes when r = 0 or |S| = V (so k = V gives the plain full KL);
+  for T > 1 it is the smallest tail weight consistent with the stored top-k (for T < 1
+  the largest), i.e. it errs towards ``renormalize`` instead of inventing mass; and
+  unlike treating the tail as ONE token (weight r^(1/T), far too small at T = 2) it
+  keeps the flattening that tempering really causes in a long tail.
+* ``sample`` (random-sampling KD, Anshumann et al. 2025): S holds the distinct ids of
+  N draws from the teacher at T=1 with their ``target_counts`` c_i. The weights
+  w_i = c_i q_i^(1/T - 1) / sum_j c_j q_j^(1/T - 1)  (= c_i / N at T = 1) are the
+  self-normalised importance weights that turn draws from q into an estimate of
+  expectations under q_T. KL is the estimate of  sum_v q_T(v) log(q_T(v) / p_T(v)):
+  sum_S w_i (log q_T(i) - log p_T(i)), with log q_T(i) = lp_i / T - log Z_T from the
+  stored log-probs and Z_T = sum_v q_v^(1/T) estimated by (1/N) sum_S c_i q_i^(1/T - 1)
+  (exactly 1 at T = 1). Only the -sum w log p_T part has a gradient; it is unbiased at
+  T = 1 and consistent otherwise, and the estimate converges to the exact KL as N grows.
+
+Masking and means: a position whose label is -100 counts in neither term. CE and KL are
+sums over counted positions divided by ``num_items_in_batch`` when given (the trainer
+passes the number of counted positions of the whole optimizer step, so summing
+micro-batch losses gives the loss, and gradient, of one big batch) or else by the number
+of counted positions here. No counted position: every part is 0 and the gradient is 0.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, NamedTuple
+
+import torch
+
+from moedistill.errors import UserError
+
+IGNORE_INDEX = -100
+TAIL_MODES = ("renormalize", "tail", "sample")
+
+__all__ = ["LossOutput", "distillation_loss", "dense_distillation_loss", "IGNORE_INDEX", "TAIL_MODES"]
+
+
+class LossOutput(NamedTuple):
+    """``total`` carries the gradient; ``ce`` and ``kl`` are its unweighted, detached parts
+    (total = (1 - alpha) * ce + alpha * T^2 * kl), all 0-dim float32 tensors, for logging."""
+
+    total: torch.Tensor
+    ce: torch.Tensor
+    kl: torch.Tensor
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    target_ids: torch.Tensor,
+    target_logprobs: torch.Tensor,
+    *,
+    alpha: float,
+    temperature: float,
+    tail: str = "renormalize",
+    target_counts: torch.Tensor | None = None,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    chunk_size: int = 1024,
+) -> LossOutput:
+    """Blended CE + KL loss against sparse teacher targets from the cache.
+
+    Args:
+        student_logits: [B, T, V], any float dtype (bf16 is fine: only chunks are upcast).
+        labels: [B, T] int64, already shifted (labels[t] is the token after t); -100 = ignore.
+        target_ids: [B, T, K] int64, distinct per position; -1 = padding.
+        target_logprobs: [B, T, K] float32, the teacher's log-softmax at T=1 over its full
+            vocabulary for those ids; -inf at padding.
+        alpha: weight of the KL term in [0, 1]; 0 gives exactly the mean CE.
+        temperature: T > 0, applied to student and teacher alike.
+        tail: ``renormalize`` | ``tail`` | ``sample``, see the module docstring.
+        target_counts: [B, T, K] draw counts (float or int; 0 at padding); ``sample`` only.
+        num_items_in_batch: divisor for the sums (counted positions of the whole
+            optimizer step); default: the counted positions of this call.
+        chunk_size: positions upcast to fp32 at a time (memory ~ a few chunk_size x V fp32).
+
+    Returns:
+        LossOutput(total, ce, kl). Gradients flow to ``student_logits`` only.
+    """
+    _check_scalars(alpha, temperature, chunk_size)
+    if tail not in TAIL_MODES:
+        raise UserError(f"tail={tail!r} is not a loss mode; use one of {', '.join(TAIL_MODES)}")
+    flat, lab, vocab = _flatten_student(student_logits, labels)
+    lead = tuple(labels.shape)
+    if target_ids.shape[:-1] != lead or target_logprobs.shape != target_ids.shape:
+        raise UserError(
+            f"target_ids {tuple(target_ids.shape)} / target_logprobs {tuple(target_logprobs.shape)} "
+            f"do not match labels {lead} + [K]; pass the cache item's targets for the same positions"
+        )
+    if tail == "sample":
+        if target_counts is None:
+            raise UserError("tail='sample' needs target_counts; use a sample-mode cache or another loss.tail")
+        if target_counts.shape != target_ids.shape:
+            raise UserError(f"target_counts {tuple(target_counts.shape)} must match target_ids {tuple(target_ids.shape)}")
+    k = target_ids.shape[-1]
+    if target_ids.numel() and int(target_ids.max()) >= vocab:
+        raise UserError(
+            f"target id {int(target_ids.max())} is outside the student's vocabulary of {vocab}; "
+            f"the cache was made with a different tokenizer or vocabulary size"
+        )
+    teacher = _SparseTeacher(
+        target_ids.reshape(-1, k),
+        target_logprobs.reshape(-1, k),
+        None if target_counts is None else target_counts.reshape(-1, k),
+        tail,
+        temperature,
+        vocab,
+    )
+    return _run(student_logits, flat, lab, teacher, alpha, temperature, num_items_in_batch, chunk_size)
+
+
+def dense_distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    alpha: float,
+    temperature: float,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    chunk_size: int = 1024,
+) -> LossOutput:
+    """The same loss with the teacher's full logits at hand (online teacher, or k = V).
+
+    q_T = softmax(teacher_logits / T) over the full vocabulary, so KL is the plain forward
+    KL(q_T || p_T). Chunked like ``distillation_loss``: neither tensor is upcast whole.
+
+    Args:
+        student_logits: [B, T, V], any float dtype.
+        teacher_logits: [B, T, V], any float dtype, same positions; no gradient flows to it.
+        labels: [B, T] int64, already shifted; -100 = ignore.
+        alpha, temperature, num_items_in_batch, chunk_size: as in ``distillation_loss``.
+
+    Returns:
+        LossOutput(total, ce, kl).
+    """
+    _check_scalars(alpha, temperature, chunk_size)
+    flat, lab, vocab = _flatten_student(student_logits, labels)
+    if teacher_logits.shape != student_logits.shape:
+        raise UserError(
+            f"teacher logits {tuple(teacher_logits.shape)} differ from student logits "
+            f"{tuple(student_logits.shape)}; teacher and student must share the vocabulary and positions"
+        )
+    teacher = _DenseTeacher(teacher_logits.detach().reshape(-1, vocab), temperature)
+    return _run(student_logits, flat, lab, teacher, alpha, temperature, num_items_in_batch, chunk_size)
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_scalars(alpha, temperature, chunk_size):
+    if not 0.0 <= alpha <= 1.0:
+        raise UserError(f"alpha={alpha} is outside [0, 1]; alpha weighs KL against CE, e.g. alpha=0.5")
+    if not temperature > 0:
+        raise UserError(f"temperature={temperature} must be > 0, e.g. temperature=2.0")
+    if int(chunk_size) < 1:
+        raise UserError(f"chunk_size={chunk_size} must be >= 1 (positions per chunk), e.g. 1024")
+
+
+def _flatten_student(student_logits, labels):
+    """[..., V] logits and [...] labels -> [N, V] view (copy only if not viewable), [N] labels, V."""
+    if not student_logits.is_floating_point():
+        raise UserError(f"student logits must be floating point, got {student_logits.dtype}")
+    if student_logits.dim() < 2 or tuple(student_logits.shape[:-1]) != tuple(labels.shape):
+        raise UserError(
+            f"student logits {tuple(student_logits.shape)} do not match labels {tuple(labels.shape)} + [V]; "
+            f"labels must be the shifted next-token ids for the same positions"
+        )
+    vocab = student_logits.shape[-1]
+    try:
+        flat = student_logits.view(-1, vocab)
+    except RuntimeError:
+        warnings.warn("student logits are not viewable as [N, V]; copying them (pass contiguous logits to save memory)")
+        flat = student_logits.reshape(-1, vocab)
+    lab = labels.reshape(-1)
+    bad = (lab != IGNORE_INDEX) & ((lab < 0) | (lab >= vocab))
+    if bool(bad.any()):
+        raise UserError(
+            f"label {int(lab[bad][0])} is outside the vocabulary [0, {vocab}) and is not -100; "
+            f"check the tokenizer and the label shifting"
+        )
+    return flat, lab, vocab
+
+
+# --------------------------------------------------------------------------- the chunked engine
+
+
+def _run(student_logits, flat, lab, teacher, alpha, temperature, num_items_in_batch, chunk_size):
+    rows = (lab != IGNORE_INDEX).nonzero().squeeze(1)
+    if num_items_in_batch is None:
+        denom = float(rows.numel())
+    else:
+        denom = float(num_items_in_batch)
+        if denom <= 0 and rows.numel() > 0:
+            raise ValueError(f"num_items_in_batch={denom} but this batch has {rows.numel()} counted positions")
+    need_grad = torch.is_grad_enabled() and student_logits.requires_grad
+
+    def compute():
+        return _forward(flat, lab, rows, teacher, alpha, temperature, denom, int(chunk_size), need_grad)
+
+    if need_grad:
+        total, ce, kl = _PrecomputedGradLoss.apply(student_logits, compute)
+    else:
+        total, ce, kl, _ = compute()
+    return LossOutput(total, ce, kl)
+
+
+class _PrecomputedGradLoss(torch.autograd.Function):
+    """Runs ``compute`` (which returns the loss parts and d total / d logits) in forward;
+    backward only scales the stored gradient, in place, so it costs no extra [N, V]."""
+
+    @staticmethod
+    def forward(ctx, logits, compute: Callable):
+        total, ce, kl, grad = compute()
+        ctx.grad = grad
+        ctx.shape = logits.shape
+        ctx.dtype, ctx.device = logits.dtype, logits.device
+        ctx.mark_non_differentiable(ce, kl)
+        return total, ce, kl
+
+    @staticmethod
+    def backward(ctx, g_total, _g_ce, _g_kl):
+        if ctx.grad is False:
+            raise RuntimeError("distillation loss: backward can run only once (its gradient buffer is consumed)")
+        grad, ctx.grad = ctx.grad, False
+        if grad is None:  # nothing counted
+            return torch.zeros(ctx.shape, dtype=ctx.dtype, device=ctx.device), None
+        if bool(g_total != 1):
+            grad.mul_(g_total.to(grad.dtype))
+        return grad.view(ctx.shape), None
+
+
+def _forward(flat, lab, rows, teacher, alpha, temperature, denom, chunk_size, need_grad):
+    """Loss parts (and, if need_grad, d total / d flat) over the counted ``rows`` of ``flat``."""
+    device = flat.device
+    n = rows.numel()
+    ce_sum = torch.zeros((), dtype=torch.float64, device=device)
+    kl_sum = torch.zeros((), dtype=torch.float64, device=device)
+    grad = None
+    if need_grad and n > 0:
+        grad = torch.empty_like(flat)
+        if n < flat.shape[0]:  # uncounted positions get exactly zero gradient
+            uncounted = (lab == IGNORE_INDEX).nonzero().squeeze(1)
+            grad.index_fill_(0, uncounted, 0)
+    inv_t = 1.0 / temperature
+    # d total / d logits = c_ce (softmax(z) - onehot(y)) + c_kl d KL / d u, with u = z / T.
+    c_ce = (1.0 - alpha) / denom if n else 0.0
+    c_kl = alpha * temperature / denom if n else 0.0
+
+    for start in range(0, n, chunk_size):
+        r = rows[start : start + chunk_size]
+        y = lab.index_select(0, r).unsqueeze(1)
+        x = flat.index_select(0, r)  # a copy we own, in the input dtype
+        x = x.float()  # no-op for fp32 input; the only upcast, one chunk at a time
+        x.sub_(x.amax(dim=1, keepdim=True))  # z - max z: all later exps are <= 1
+        x_y = x.gather(1, y)
+        if temperature == 1.0:
+            u = x  # u = (z - max z) / T, shares the buffer at T = 1
+            state = teacher.observe(r, u)
+            x.exp_()
+            z1 = x.sum(dim=1, keepdim=True)
+            e_t, z_t = (x.clone() if teacher.masks_exp else x), z1
+        else:
+            u = x.mul(inv_t)
+            state = teacher.observe(r, u)
+            x.exp_()
+            z1 = x.sum(dim=1, keepdim=True)
+            e_t = u.exp_()
+            z_t = e_t.sum(dim=1, keepdim=True)
+        ce_sum += (z1.log() - x_y).sum(dtype=torch.float64)
+        kl_rows, beta = teacher.finish(state, e_t, z_t)  # may zero e_t on the stored ids (tail mode)
+        kl_sum += kl_rows.sum(dtype=torch.float64)
+        if grad is None:
+            continue
+        # x holds exp(z - max z); turn it into this chunk's gradient in place.
+        if e_t is x:
+            x.mul_(c_ce / z1 + c_kl * beta)
+        else:
+            x.mul_(c_ce / z1)
+            x.addcmul_(e_t, c_kl * beta)
+        x.scatter_add_(1, y, torch.full_like(x_y, -c_ce))
+        teacher.add_grad(state, x, c_kl)
+        grad.index_copy_(0, r, x.to(grad.dtype))
+        del x, u, e_t, state
+
+    ce = (ce_sum / denom).float() if n else ce_sum.float()
+    kl = (kl_sum / denom).float() if n else kl_sum.float()
+    total = (1.0 - alpha) * ce + alpha * temperature**2 * kl
+    return total, ce, kl, grad
+
+
+# --------------------------------------------------------------------------- teachers
+#
+# A teacher sees each chunk twice. ``observe(rows, u)`` gets u = (z - max z) / T [C, V]
+# before it is exponentiated (so it can gather or dot with it). ``finish(state, e_t, z_t)``
+# gets e_t = exp(u) and z_t = e_t.sum(1), so p_T = e_t / z_t, and returns the per-row KL
+# and a per-row coefficient beta; the KL gradient w.r.t. u is then beta * e_t plus what
+# ``add_grad`` adds (a scatter on the stored ids, or a dense term).
+
+
+class _SparseTeacher:
+    def __init__(self, ids, logprobs, counts, tail, temperature, vocab):
+        self.ids, self.logprobs, self.counts = ids, logprobs, counts
+        self.tail, self.inv_t, self.vocab = tail, 1.0 / temperature, vocab
+        self.masks_exp = tail == "tail"
+
+    def observe(self, rows, u):
+        ids = self.ids.index_select(0, rows)
+        lp = self.logprobs.index_select(0, rows).float()
+        valid = (ids >= 0) & (lp > -math.inf)
+        if self.counts is not None and self.tail == "sample":
+            counts = self.counts.index_select(0, rows).float()
+            valid &= counts > 0
+        else:
+            counts = None
+        idx = ids.clamp(min=0)  # padding points at id 0 and is masked out by `valid`
+        return {"idx": idx, "lp": lp, "valid": valid, "counts": counts, "u_s": u.gather(1, idx)}
+
+    def finish(self, st, e_t, z_t):
+        idx, lp, valid, u_s = st["idx"], st["lp"], st["valid"], st["u_s"]
+        log_z_t = z_t.log()
+        ninf = torch.full_like(lp, -math.inf)
+        if self.tail == "renormalize":
+            logw = torch.where(valid, lp * self.inv_t, ninf)
+            log_q = logw - _safe_lse(logw)
+            q = log_q.exp()  # 0 at padding
+            kl = _where_sum(valid, q * (log_q - u_s)) + q.sum(1) * log_z_t.squeeze(1)
+            st["gamma"] = -q
+            return kl, q.sum(1, keepdim=True) / z_t
+        if self.tail == "sample":
+            logw = torch.where(valid, st["counts"].log() + (self.inv_t - 1.0) * lp, ninf)
+            lse_w = _safe_lse(logw)
+            w = (logw - lse_w).exp()
+            # log Z_T estimate = log((1/N) sum c q^(1/T-1)); log q_T(i) = lp_i/T - log Z_T.
+            log_zhat = lse_w - st["counts"].sum(1, keepdim=True).clamp_min(1).log()
+            log_q = lp * self.inv_t - log_zhat
+            kl = _where_sum(valid, w * (log_q - u_s)) + w.sum(1) * log_z_t.squeeze(1)
+            st["gamma"] = -w
+            return kl, w.sum(1, keepdim=True) / z_t
+        # tail: coarsened distributions over the stored ids plus one bucket.
+        k_valid = valid.sum(1, keepdim=True)
+        mass = _safe_lse(torch.where(valid, lp, ninf), empty=-math.inf)  # log sum_S q (T=1)
+        log_r = torch.log(-torch.expm1(mass.clamp(max=0.0)))  # log of the tail mass r
+        lp_min = torch.where(valid, lp, torch.full_like(lp, math.inf)).amin(1, keepdim=True)
+        free = (self.vocab - k_valid).to(lp.dtype)  # ids outside S
+        log_n = torch.minimum((log_r - lp_min).clamp(min=0.0), free.clamp(min=1).log())
+        has_tail = (log_r > -math.inf) & (free > 0)
+        a_tail = torch.where(has_tail, log_r * self.inv_t + (1.0 - self.inv_t) * log_n, torch.full_like(log_r, -math.inf))
+        logw = torch.where(valid, lp * self.inv_t, ninf)
+        log_zq = torch.logaddexp(_safe_lse(logw, empty=-math.inf), a_tail)  # > -inf: r = 1 if S is empty
+        log_q = logw - log_zq
+        q = log_q.exp()
+        q_tail = (a_tail - log_zq).exp()
+        # Student: sum of e_t outside S, exactly (zero the stored ids: x + (-x) == 0).
+        e_s = e_t.gather(1, idx)
+        e_t.scatter_add_(1, idx, torch.where(valid, -e_s, torch.zeros_like(e_s)))
+        tail_sum = e_t.sum(1, keepdim=True).clamp_min(torch.finfo(e_t.dtype).tiny)  # underflow: huge, finite KL
+        log_p_tail = tail_sum.log() - log_z_t
+        kl = _where_sum(valid, q * (log_q - (u_s - log_z_t)))
+        kl = kl + torch.where(q_tail > 0, q_tail * (a_tail - log_zq - log_p_tail), torch.zeros_like(q_tail)).squeeze(1)
+        # d KL / d u_j = p_j - q_j on S and p_j (1 - q_tail / p_tail) outside S (e_t is now 0 on S).
+        ratio = torch.where(q_tail > 0, q_tail / tail_sum, torch.zeros_like(q_tail))
+        st["gamma"] = torch.where(valid, e_s / z_t - q, torch.zeros_like(q))
+        return kl, 1.0 / z_t - ratio
+
+    def add_grad(self, st, g, coef):
+        g.scatter_add_(1, st["idx"], torch.where(st["valid"], st["gamma"] * coef, torch.zeros_like(st["gamma"])))
+
+
+class _DenseTeacher:
+    masks_exp = False
+
+    def __init__(self, logits, temperature):
+        self.logits, self.inv_t = logits, 1.0 / temperature
+
+    def observe(self, rows, u):
+        t = self.logits.index_select(0, rows).float()
+        t.sub_(t.amax(dim=1, keepdim=True)).mul_(self.inv_t)
+        log_q = t.sub_(torch.logsumexp(t, dim=1, keepdim=True))
+        q = log_q.exp()
+        # sum_v q (log q - u), with 0 where q == 0 (a teacher logit of -inf).
+        log_q.sub_(u).mul_(q)
+        log_q.masked_fill_(q == 0, 0.0)
+        return {"q": q, "q_dot": log_q.sum(1)}
+
+    def finish(self, st, e_t, z_t):
+        return st["q_dot"] + z_t.log().squeeze(1), 1.0 / z_t
+
+    def add_grad(self, st, g, coef):
+        g.add_(st["q"], alpha=-coef)
+
+
+def _safe_lse(logw, empty=0.0):
+    """logsumexp over dim 1, keepdim; rows with no finite entry give ``empty`` instead of nan."""
+    lse = torch.logsumexp(logw, dim=1, keepdim=True)
+    return torch.where(lse > -math.inf, lse, torch.full_like(lse, empty))
+
+
+def _where_sum(mask, values):
+    return torch.where(mask, values, torch.zeros_like(values)).sum(1)
