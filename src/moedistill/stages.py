@@ -1,0 +1,347 @@
+"""Multi-stage schedules: each stage its own length, parameter groups, learning rate and loss.
+
+A stage is run as its own ``DistillationTrainer(...).train()`` on the same student. That
+is what makes a boundary clean: the optimizer, its state and the scheduler are built
+afresh for the stage's parameter groups (frozen parameters never enter the optimizer,
+and a multi-GPU wrapper sees the right trainable set), and resuming inside a stage is the
+Trainer's own exact resume (weights, optimizer, scheduler, RNG, data position).
+Steps count globally across stages: stage k covers global steps
+``(start_step, start_step + max_steps]``. Each stage shuffles with ``data_seed + k``.
+
+Files in the run directory::
+
+    stages.json                     the plan: per stage its name, global start/end step,
+                                    lr, loss settings, directory, and whether it is done
+    log.jsonl                       every log entry, with the global ``step``, ``stage``
+                                    (index) and ``stage_name``: one x-axis for plots
+    NN-<name>/checkpoint-<n>/       HF checkpoints, n = step within the stage; each has a
+                                    stage.json (stage, global step); the last one of a
+                                    stage is written at the stage's end
+    final/                          the student after the last stage (save_pretrained)
+
+Resume from any checkpoint (``resume=<dir>`` or ``"latest"``): the stages before its
+stage are skipped, its stage continues from that step, the later stages follow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from moedistill.config import Config, LossConfig, ParamGroupsConfig
+from moedistill.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+STAGES_FILE = "stages.json"
+LOG_FILE = "log.jsonl"
+CHECKPOINT_STAGE_FILE = "stage.json"
+FINAL_DIR = "final"
+LOSS_KEYS = ("alpha", "temperature", "tail", "chunk_size")
+
+
+@dataclass
+class Stage:
+    """One resolved stage: everything its trainer needs."""
+
+    index: int
+    name: str
+    max_steps: int
+    start_step: int  # global steps done before this stage
+    learning_rate: float
+    loss: LossConfig
+    param_groups: ParamGroupsConfig
+    param_groups_key: str  # config key named in errors about the rules
+
+    @property
+    def end_step(self) -> int:
+        return self.start_step + self.max_steps
+
+    @property
+    def dirname(self) -> str:
+        return f"{self.index + 1:02d}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', self.name)}"
+
+    def to_dict(self) -> dict:
+        return {
+            "index": self.index,
+            "name": self.name,
+            "start_step": self.start_step,
+            "end_step": self.end_step,
+            "max_steps": self.max_steps,
+            "learning_rate": self.learning_rate,
+            **dataclasses.asdict(self.loss),
+            "dir": self.dirname,
+        }
+
+
+def steps_per_epoch(num_examples: int, args) -> int:
+    """Optimizer steps in one pass over ``num_examples`` items, as the Trainer counts them."""
+    batches = num_examples / (args.per_device_train_batch_size * max(args.world_size, 1))
+    batches = math.floor(batches) if args.dataloader_drop_last else math.ceil(batches)
+    ga = args.gradient_accumulation_steps
+    return max(batches // ga + int(batches % ga > 0), 1)
+
+
+def plan_stages(cfg: Config, args, num_examples: int, loss_overrides: dict | None = None) -> list[Stage]:
+    """Resolve ``cfg.stages`` into ``Stage`` objects with global step ranges.
+
+    Stage values override the top-level ones (``param_groups``, ``training.learning_rate``,
+    ``loss.*``); ``loss_overrides`` (e.g. ``{"alpha": 0.0}`` for a CE baseline) override both.
+    Epoch-based lengths become step counts here, so the plan is known before training.
+    With no stages, one stage named ``train`` covers ``training.max_steps`` or
+    ``training.num_train_epochs``.
+    """
+    loss_overrides = dict(loss_overrides or {})
+    unknown = set(loss_overrides) - set(LOSS_KEYS)
+    if unknown:
+        raise UserError(f"loss_overrides has unknown keys {sorted(unknown)}; use {', '.join(LOSS_KEYS)}")
+    per_epoch = steps_per_epoch(num_examples, args)
+    specs = cfg.stages
+    if not specs:
+        from moedistill.config import StageConfig
+
+        if args.max_steps and args.max_steps > 0:
+            specs = [StageConfig(name="train", max_steps=args.max_steps)]
+        else:
+            specs = [StageConfig(name="train", num_train_epochs=args.num_train_epochs)]
+    stages, start = [], 0
+    for i, sc in enumerate(specs):
+        n = sc.max_steps if sc.max_steps is not None else math.ceil(sc.num_train_epochs * per_epoch)
+        loss = dataclasses.replace(
+            cfg.loss, **{k: getattr(sc, k) for k in ("alpha", "temperature", "tail") if getattr(sc, k) is not None}
+        )
+        loss = dataclasses.replace(loss, **loss_overrides)
+        own_groups = bool(cfg.stages) and sc.param_groups is not None
+        stages.append(
+            Stage(
+                index=i,
+                name=sc.name,
+                max_steps=int(n),
+                start_step=start,
+                learning_rate=sc.learning_rate if sc.learning_rate is not None else args.learning_rate,
+                loss=loss,
+                param_groups=sc.param_groups if own_groups else cfg.param_groups,
+                param_groups_key=f"stages[{i}].param_groups" if own_groups else "param_groups",
+            )
+        )
+        start += int(n)
+    return stages
+
+
+# --------------------------------------------------------------------------- run directory
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def write_plan(run_dir: Path, stages: list[Stage], done: set[int]) -> None:
+    plan = {"stages": [{**s.to_dict(), "done": s.index in done} for s in stages]}
+    tmp = run_dir / (STAGES_FILE + ".tmp")
+    tmp.write_text(json.dumps(plan, indent=2))
+    tmp.replace(run_dir / STAGES_FILE)
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """(global step, path) of every checkpoint that records its stage, oldest first."""
+    found = []
+    for marker in Path(run_dir).glob(f"*/checkpoint-*/{CHECKPOINT_STAGE_FILE}"):
+        info = _read_json(marker)
+        if info and "global_step" in info:
+            found.append((int(info["global_step"]), marker.parent))
+    return sorted(found)
+
+
+def find_checkpoint(run_dir: Path, resume: str, stages: list[Stage]) -> tuple[Stage, Path, int]:
+    """Resolve ``resume`` ("latest" or a checkpoint dir) -> (its stage, path, step within the stage)."""
+    if resume in ("latest", "last", True):
+        found = list_checkpoints(run_dir)
+        if not found:
+            raise UserError(f"no checkpoint to resume from in {run_dir}; run without --resume to start the run")
+        path = found[-1][1]
+    else:
+        path = Path(resume)
+        if not (path / "trainer_state.json").is_file():
+            raise UserError(f"{resume} is not a training checkpoint (no trainer_state.json); pass a checkpoint-N dir")
+    info = _read_json(path / CHECKPOINT_STAGE_FILE) or {}
+    by_name = {s.name: s for s in stages}
+    by_dir = {s.dirname: s for s in stages}
+    stage = by_name.get(info.get("name")) or by_dir.get(path.parent.name)
+    if stage is None or ("index" in info and info["index"] != stage.index):
+        raise UserError(
+            f"checkpoint {path} belongs to stage {info.get('name', path.parent.name)!r}, which is not stage "
+            f"{info.get('index', '?')} of this config's stages ({', '.join(s.name for s in stages)}); "
+            f"resume with the config the run was started with"
+        )
+    state = _read_json(path / "trainer_state.json") or {}
+    return stage, path, int(state.get("global_step", 0))
+
+
+def _trim_log(run_dir: Path, upto_step: int) -> None:
+    """Drop log entries past ``upto_step`` (logged by the interrupted run after the checkpoint)."""
+    path = run_dir / LOG_FILE
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= upto_step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def _clear_previous(run_dir: Path, stages: list[Stage]) -> None:
+    """A fresh start must not leave an older run's checkpoints where ``--resume latest`` finds them."""
+    old = [p for p in run_dir.glob("*/checkpoint-*") if p.is_dir()]
+    if old:
+        logger.warning(
+            "starting a fresh run in %s: removing %d checkpoint(s) of the previous run (pass resume to continue it)",
+            run_dir,
+            len(old),
+        )
+    for d in {p.parent for p in old} | {run_dir / s.dirname for s in stages} | {run_dir / FINAL_DIR}:
+        shutil.rmtree(d, ignore_errors=True)
+    for f in (LOG_FILE, STAGES_FILE):
+        (run_dir / f).unlink(missing_ok=True)
+
+
+class StageCallback(TrainerCallback):
+    """Writes log.jsonl with global steps, marks checkpoints with their stage, saves at the stage's end."""
+
+    def __init__(self, stage: Stage, run_dir: Path):
+        self.stage, self.run_dir = stage, Path(run_dir)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_save = True  # a checkpoint at every stage boundary
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if ckpt.is_dir():
+                info = {
+                    "index": self.stage.index,
+                    "name": self.stage.name,
+                    "stage_step": state.global_step,
+                    "global_step": self.stage.start_step + state.global_step,
+                    "stage_done": state.global_step >= self.stage.max_steps,
+                }
+                (ckpt / CHECKPOINT_STAGE_FILE).write_text(json.dumps(info, indent=2))
+        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            entry = {
+                "step": self.stage.start_step + state.global_step,
+                "stage": self.stage.index,
+                "stage_name": self.stage.name,
+                "stage_step": state.global_step,
+                **{k: v for k, v in logs.items() if k not in ("stage", "global_step")},
+            }
+            with open(self.run_dir / LOG_FILE, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+        return control
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def run_stages(
+    model,
+    stages: list[Stage],
+    args,
+    run_dir,
+    *,
+    train_dataset,
+    eval_dataset=None,
+    teacher=None,
+    resume: str | None = None,
+    callbacks=(),
+    processing_class=None,
+) -> dict:
+    """Train ``model`` through ``stages`` and save it to ``<run_dir>/final``.
+
+    Args:
+        model: the student; trained in place.
+        stages: from ``plan_stages``.
+        args: base ``TrainingArguments``; each stage gets a copy with its own
+            ``output_dir`` (``<run_dir>/NN-<name>``), ``max_steps``, ``learning_rate``
+            and ``data_seed`` (base + stage index).
+        train_dataset / eval_dataset: cache datasets (items per the cache contract).
+        teacher: a model for online distillation, or None (targets from the dataset).
+        resume: None (fresh run; a previous run's checkpoints here are removed),
+            ``"latest"`` or a checkpoint directory.
+        callbacks: extra ``TrainerCallback``s for every stage's trainer.
+    Returns:
+        ``{"run_dir", "final_model" (None if stopped early), "stages", "train_metrics",
+        "stopped_at" (global step, only if a callback stopped a stage early)}``.
+    """
+    from moedistill.trainer import DistillationTrainer
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    first, ckpt = 0, None
+    if resume:
+        stage, ckpt, stage_step = find_checkpoint(run_dir, resume, stages)
+        first = stage.index
+        _trim_log(run_dir, stage.start_step + stage_step)
+        logger.info("resuming stage %s at its step %d (global step %d) from %s", stage.name, stage_step,
+                    stage.start_step + stage_step, ckpt)
+    else:
+        _clear_previous(run_dir, stages)
+    done = set(range(first))
+    write_plan(run_dir, stages, done)
+    result = {"run_dir": str(run_dir), "final_model": None, "stages": [s.to_dict() for s in stages], "train_metrics": {}}
+    trainer = None
+    for st in stages[first:]:
+        stage_args = dataclasses.replace(
+            args,
+            output_dir=str(run_dir / st.dirname),
+            max_steps=st.max_steps,
+            learning_rate=st.learning_rate,
+            data_seed=(args.data_seed if args.data_seed is not None else args.seed) + st.index,
+        )
+        del trainer  # free the previous stage's optimizer state before building the next
+        trainer = DistillationTrainer(
+            model,
+            stage_args,
+            teacher=teacher,
+            loss=st.loss,
+            param_groups=st.param_groups,
+            param_groups_key=st.param_groups_key,
+            stage_index=st.index,
+            stage_name=st.name,
+            step_offset=st.start_step,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            callbacks=[StageCallback(st, run_dir), *callbacks],
+            processing_class=processing_class,
+        )
+        logger.info(
+            "stage %d/%d %r: global steps %d-%d, lr %.3g, alpha %g, temperature %g, tail %s",
+            st.index + 1, len(stages), st.name, st.start_step + 1, st.end_step, st.learning_rate,
+            st.loss.alpha, st.loss.temperature, st.loss.tail,
+        )
+        resume_here = str(ckpt) if (ckpt is not None and st.index == first) else None
+        out = trainer.train(resume_from_checkpoint=resume_here)
+        result["train_metrics"] = dict(out.metrics)
+        if trainer.state.global_step < st.max_steps:
+            result["stopped_at"] = st.start_step + trainer.state.global_step
+            logger.warning("stage %r stopped early at global step %d; later stages not run", st.name,
+                           result["stopped_at"])
+            return result
+        done.add(st.index)
+        write_plan(run_dir, stages, done)
+    final = run_dir / FINAL_DIR
+    trainer.save_model(str(final))
+    result["final_model"] = str(final)
+    result["trainer"] = trainer
+    return result

@@ -1,0 +1,362 @@
+"""DistillationTrainer: a ``transformers.Trainer`` that trains a student on a teacher's targets.
+
+Glue only; the math lives in ``moedistill.losses``. What it overrides, and why:
+
+- ``compute_loss``: the blended loss. Offline mode reads the teacher's sparse targets
+  from the batch (``target_ids`` / ``target_logprobs`` [/ ``target_counts``] of an
+  ``open_cache`` dataset) and calls ``distillation_loss``; online mode runs a teacher
+  model beside the student under ``no_grad`` and calls ``dense_distillation_loss`` on
+  its full logits. The student never gets ``labels=`` (HF models would shift them a
+  second time; ours are already shifted). An MoE student whose config sets
+  ``output_router_logits`` adds its load-balancing loss x ``router_aux_loss_coef``.
+  A NaN/inf loss stops the run with a message naming the step.
+- ``get_batch_samples``: counts the prediction targets of the whole optimizer step as
+  ``labels != -100`` over the full label tensor. The Trainer's own count drops
+  position 0 for causal LMs (it expects unshifted labels); ours are shifted, so every
+  non-masked label is a target. The loss is a sum over positions divided by that
+  count, so gradient accumulation gives the gradient of one big batch.
+- ``create_optimizer``: regex parameter groups (``moedistill.param_groups``).
+- ``log``: adds ``ce_loss``, ``kl_loss`` (and ``router_aux_loss``) averaged over the
+  logging window like the Trainer's ``loss``, plus ``stage`` / ``global_step`` when the
+  trainer runs one stage of a schedule.
+- ``evaluate``: token-weighted CE, KL to the teacher at temperature 1 and perplexity.
+
+Items are stacked by ``collate``; ``remove_unused_columns`` is forced off so the targets
+reach the loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer
+
+from moedistill.config import LossConfig, ParamGroupsConfig
+from moedistill.errors import UserError
+from moedistill.param_groups import assign, format_table, freeze, optimizer_groups
+
+logger = logging.getLogger(__name__)
+
+TARGET_KEYS = ("target_ids", "target_logprobs", "target_counts")
+_PAD_VALUE = {"target_ids": -1, "target_logprobs": float("-inf"), "target_counts": 0.0}
+
+
+class NonFiniteLossError(UserError):
+    """The loss became NaN or inf; training stops rather than train on garbage."""
+
+
+def collate(features: list[dict]) -> dict[str, torch.Tensor]:
+    """Stack a list of items into a batch.
+
+    Every tensor-like field is stacked along a new batch dim: ``input_ids`` / ``labels``
+    [L] -> [B, L]; ``target_*`` [L, K] -> [B, L, K]. Items with different K (sampled
+    targets) are padded on the K axis to the widest item with the padding markers of the
+    cache contract (ids -1, log-probs -inf, counts 0). Non-tensor fields are dropped.
+    """
+    batch = {}
+    for key, first in features[0].items():
+        if isinstance(first, (str, bytes)) or first is None:
+            continue
+        tensors = [torch.as_tensor(f[key]) for f in features]
+        if key in _PAD_VALUE and len({t.shape[-1] for t in tensors}) > 1:
+            k = max(t.shape[-1] for t in tensors)
+            tensors = [F.pad(t, (0, k - t.shape[-1]), value=_PAD_VALUE[key]) for t in tensors]
+        batch[key] = torch.stack(tensors)
+    return batch
+
+
+class DistillationTrainer(Trainer):
+    """Trainer for knowledge distillation into ``model`` (the student).
+
+    Args:
+        model: the student (any HF causal LM).
+        args: ``TrainingArguments``; ``remove_unused_columns`` is set False.
+        teacher: None for offline mode (targets come from the dataset), or a causal LM
+            with the student's vocabulary for online mode.
+        loss: alpha, temperature, tail and chunk_size of the loss (``LossConfig``).
+        param_groups: regex learning-rate rules; None trains every parameter at the base lr.
+        param_groups_key: the config key named in error messages about the rules.
+        stage_index, stage_name, step_offset: set when this trainer runs one stage of a
+            schedule; logs then carry ``stage`` and ``global_step`` = offset + step.
+        **kwargs: passed to ``transformers.Trainer`` (train_dataset, eval_dataset,
+            callbacks, processing_class, ...); ``data_collator`` defaults to ``collate``.
+    """
+
+    # compute_loss divides by num_items_in_batch of the whole accumulated step
+    loss_is_scaled_for_ga = True
+
+    def __init__(
+        self,
+        model,
+        args,
+        *,
+        teacher=None,
+        loss: LossConfig | None = None,
+        param_groups: ParamGroupsConfig | None = None,
+        param_groups_key: str = "param_groups",
+        stage_index: int | None = None,
+        stage_name: str | None = None,
+        step_offset: int = 0,
+        **kwargs,
+    ):
+        if args.remove_unused_columns:
+            args.remove_unused_columns = False  # the targets are not forward() arguments of the student
+        kwargs.setdefault("data_collator", collate)
+        self.loss_config = loss or LossConfig()
+        self.teacher = teacher
+        self.stage_index, self.stage_name, self.step_offset = stage_index, stage_name, step_offset
+        self.param_plan = assign(model, param_groups or ParamGroupsConfig(), where=param_groups_key)
+        freeze(model, self.param_plan)
+        if self.param_plan.trainable == 0:
+            where = f"stage {stage_name!r}" if stage_name else "the run"
+            raise UserError(f"{param_groups_key} freezes every parameter in {where}; give some rule lr_multiplier > 0")
+        super().__init__(model=model, args=args, **kwargs)
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+            if getattr(teacher, "hf_device_map", None) is None:
+                teacher.to(self.args.device)
+        self._parts = None  # [ce, kl, router aux] summed since the last training log
+        self._parts_since = None  # global step at the start of that window
+        self._has_aux = False
+        if self.is_world_process_zero():
+            title = f"parameter groups{f' (stage {stage_name})' if stage_name else ''}:"
+            logger.info(
+                format_table(
+                    self.param_plan, learning_rate=args.learning_rate, weight_decay=args.weight_decay, title=title
+                )
+            )
+
+    # ------------------------------------------------------------------ loss
+
+    def _forward(self, model, inputs):
+        """Student (and, online, teacher) forward -> (student logits, router aux loss or None, teacher logits or None)."""
+        input_ids = inputs["input_ids"]
+        attention_mask = inputs.get("attention_mask")
+        outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        teacher_logits = None
+        if self.teacher is not None:
+            dev = self.teacher.device
+            with torch.no_grad():
+                teacher_logits = self.teacher(
+                    input_ids=input_ids.to(dev),
+                    attention_mask=None if attention_mask is None else attention_mask.to(dev),
+                    use_cache=False,
+                ).logits.to(outputs.logits.device)
+        return outputs.logits, getattr(outputs, "aux_loss", None), teacher_logits
+
+    def _distill(self, logits, inputs, teacher_logits, *, alpha, temperature, tail, num_items_in_batch):
+        """The blended loss of one micro-batch -> (total, ce, kl) from ``moedistill.losses``."""
+        from moedistill.losses import dense_distillation_loss, distillation_loss
+
+        cfg = self.loss_config
+        if teacher_logits is not None:
+            return dense_distillation_loss(
+                logits,
+                teacher_logits,
+                inputs["labels"],
+                alpha=alpha,
+                temperature=temperature,
+                num_items_in_batch=num_items_in_batch,
+                chunk_size=cfg.chunk_size,
+            )
+        if "target_ids" not in inputs:
+            raise UserError(
+                "the batch has no teacher targets (target_ids); train on a cache from moedistill.cache.open_cache "
+                "or pass teacher= for online distillation"
+            )
+        return distillation_loss(
+            logits,
+            inputs["labels"],
+            inputs["target_ids"],
+            inputs["target_logprobs"],
+            alpha=alpha,
+            temperature=temperature,
+            tail=tail,
+            target_counts=inputs.get("target_counts"),
+            num_items_in_batch=num_items_in_batch,
+            chunk_size=cfg.chunk_size,
+        )
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        cfg = self.loss_config
+        logits, aux, teacher_logits = self._forward(model, inputs)
+        parts = self._distill(
+            logits,
+            inputs,
+            teacher_logits,
+            alpha=cfg.alpha,
+            temperature=cfg.temperature,
+            tail=cfg.tail,
+            num_items_in_batch=num_items_in_batch,
+        )
+        loss = parts.total
+        aux_term = None
+        if aux is not None:
+            # The load-balancing loss is a per-micro-batch mean: weigh it by this micro-batch's
+            # share of the step's targets so that an accumulated step sums to about one mean.
+            coef = float(getattr(self.accelerator.unwrap_model(model).config, "router_aux_loss_coef", 0.0))
+            share = 1.0
+            if num_items_in_batch is not None:
+                share = inputs["labels"].ne(-100).sum() / torch.as_tensor(num_items_in_batch).clamp(min=1)
+            aux_term = coef * aux.to(loss.device) * share
+            loss = loss + aux_term
+        if model.training:
+            if not torch.isfinite(loss.detach()).all():
+                step = self.step_offset + self.state.global_step + 1
+                where = f" (stage {self.stage_name!r}, its step {self.state.global_step + 1})" if self.stage_name else ""
+                raise NonFiniteLossError(
+                    f"the training loss is {loss.item()} at step {step}{where} (ce={parts.ce.item():.4g}, "
+                    f"kl={parts.kl.item():.4g}); lower the learning rate, use bf16 instead of fp16, "
+                    f"or check the cache with `moedistill inspect --verify`"
+                )
+            self._accumulate(parts, aux_term)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1 and num_items_in_batch is not None:
+            # num_items_in_batch counts every process's targets; DDP averages gradients over processes
+            loss = loss * self.accelerator.num_processes
+        return (loss, {"logits": logits}) if return_outputs else loss
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batches = []
+        for _ in range(num_batches):
+            try:
+                batches.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        if not batches:
+            return batches, None
+        # labels are already shifted: every label != -100 is a prediction target (position 0 included)
+        num_items = sum(b["labels"].ne(-100).sum() for b in batches).to(device)
+        if self.args.average_tokens_across_devices and self.args.world_size > 1:
+            num_items = self.accelerator.gather(num_items).sum()
+        return batches, num_items
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        # transformers 5.x saves MoE checkpoints in the Hub layout (one tensor per expert) but the
+        # Trainer's resume reads them back with a plain load_state_dict, which silently leaves the
+        # fused expert tensors untouched (huggingface/transformers#48805). Load through
+        # from_pretrained, which converts, and copy the weights in. Costs a second copy on the CPU.
+        from transformers import PreTrainedModel
+
+        unwrapped = self.accelerator.unwrap_model(self.model if model is None else model)
+        plain = not (self.is_deepspeed_enabled or self.is_fsdp_enabled) and type(unwrapped).__name__ != "PeftModel"
+        if not (plain and isinstance(unwrapped, PreTrainedModel) and os.path.isfile(os.path.join(resume_from_checkpoint, "config.json"))):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        logger.info("loading the student's weights from %s", resume_from_checkpoint)
+        dtype = next(unwrapped.parameters()).dtype
+        loaded = type(unwrapped).from_pretrained(resume_from_checkpoint, dtype=dtype, device_map="cpu")
+        unwrapped.load_state_dict(loaded.state_dict(), strict=True)
+        del loaded
+
+    # ------------------------------------------------------------------ optimizer
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None:
+            return self.optimizer
+        from transformers.trainer_optimizer import is_optimizer_factory
+
+        opt_model = self.model if model is None else model
+        groups = optimizer_groups(
+            opt_model, self.param_plan, learning_rate=self.args.learning_rate, weight_decay=self.args.weight_decay
+        )
+        if self.optimizer_cls_and_kwargs is not None:
+            optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
+        else:
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        if is_optimizer_factory(optimizer_cls) or {"params", "model", "optimizer_dict"} & set(optimizer_kwargs):
+            raise UserError(
+                f"training.optim={self.args.optim} builds its own parameter groups, which would bypass the "
+                f"param_groups rules; use a standard optimizer such as adamw_torch"
+            )
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    # ------------------------------------------------------------------ logging
+
+    def _accumulate(self, parts, aux_term):
+        zero = parts.total.new_zeros(())
+        vals = torch.stack(
+            [parts.ce.detach().float(), parts.kl.detach().float(), (zero if aux_term is None else aux_term.detach()).float()]
+        )
+        self._has_aux = self._has_aux or aux_term is not None
+        if self._parts is None:
+            self._parts, self._parts_since = vals, self.state.global_step
+        else:
+            self._parts = self._parts + vals
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._parts is not None:
+            parts = self._parts
+            if self.args.world_size > 1:
+                # with a global target count each process holds its share; otherwise a local mean
+                parts = self.accelerator.reduce(parts, "sum" if self.args.average_tokens_across_devices else "mean")
+            steps = max(self.state.global_step - self._parts_since, 1)
+            ce, kl, aux = (parts / steps).tolist()
+            logs["ce_loss"], logs["kl_loss"] = ce, kl
+            if self._has_aux:
+                logs["router_aux_loss"] = aux
+            self._parts = None
+        if self.stage_index is not None:
+            logs["stage"] = self.stage_index
+            logs["global_step"] = self.step_offset + self.state.global_step
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Token-weighted means over the eval set.
+
+        Returns ``{prefix}_loss`` (the training objective at this trainer's alpha and
+        temperature), ``{prefix}_ce`` (cross-entropy with the labels, nats/token),
+        ``{prefix}_kl`` (KL(teacher || student) at temperature 1; from the stored
+        sparse targets offline, exact online), ``{prefix}_perplexity`` = exp(ce),
+        ``{prefix}_tokens`` and ``{prefix}_runtime``.
+        """
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if isinstance(dataset, dict):
+            metrics = {}
+            for name, ds in dataset.items():
+                metrics.update(self.evaluate(ds, ignore_keys, f"{metric_key_prefix}_{name}"))
+            return metrics
+        if dataset is None:
+            raise UserError("evaluate() needs an eval dataset; pass eval_dataset= to the trainer or the call")
+        cfg = self.loss_config
+        loader = self.get_eval_dataloader(dataset)
+        model = self.model
+        was_training = model.training
+        model.eval()
+        start = time.time()
+        sums = torch.zeros(4, dtype=torch.float64, device=self.args.device)  # loss, ce, kl at T=1, targets
+        with torch.no_grad(), self.accelerator.autocast():
+            for inputs in loader:
+                inputs = self._prepare_inputs(inputs)
+                n = inputs["labels"].ne(-100).sum()
+                logits, _, teacher_logits = self._forward(model, inputs)
+                common = dict(tail=cfg.tail, num_items_in_batch=None)
+                parts = self._distill(logits, inputs, teacher_logits, alpha=cfg.alpha, temperature=cfg.temperature, **common)
+                kl1 = parts.kl
+                if cfg.temperature != 1.0:
+                    kl1 = self._distill(logits, inputs, teacher_logits, alpha=1.0, temperature=1.0, **common).kl
+                sums += torch.stack([parts.total * n, parts.ce * n, kl1 * n, n.to(parts.total.dtype)]).double()
+        model.train(was_training)
+        if self.args.world_size > 1:
+            sums = self.accelerator.reduce(sums, "sum")
+        loss, ce, kl, n = sums.tolist()
+        n_safe = max(n, 1.0)
+        metrics = {
+            f"{metric_key_prefix}_loss": loss / n_safe,
+            f"{metric_key_prefix}_ce": ce / n_safe,
+            f"{metric_key_prefix}_kl": kl / n_safe,
+            f"{metric_key_prefix}_perplexity": math.exp(min(ce / n_safe, 700.0)),
+            f"{metric_key_prefix}_tokens": int(n),
+            f"{metric_key_prefix}_runtime": round(time.time() - start, 4),
+        }
+        self.log(dict(metrics))
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
