@@ -1,0 +1,213 @@
+"""``moedistill compress``: teacher -> zero-shot checkpoint-0 (+ the compression report).
+
+Writes ``<output_dir>/compressed/checkpoint-0`` (weights, config with ``compression``,
+tokenizer, and ``modeling_moedistill.py`` for ``trust_remote_code``) and
+``<output_dir>/compressed/report.{json,md,png}``. A checkpoint-0 made with the same
+settings (teacher identity, rank, method, calibration data) is reused, not recomputed;
+the settings hash lives in ``config.compression.settings_hash``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from moedistill.compression.init import (
+    DEFAULT_DAMPING,
+    build_student,
+    collect_calibration_stats,
+    compression_record,
+    compute_factors,
+    expert_ratio,
+    full_rank,
+    resolve_rank,
+)
+from moedistill.compression.modeling_moedistill import find_moe_blocks
+from moedistill.compression.report import VARIANTS, comparison, evaluate, parameter_counts, reconstruction_errors, write_report
+
+REPORT_SEQUENCES = 32  # validation blocks for the report's perplexities: a few dozen keep a rank sweep fast
+SETTINGS_VERSION = 1  # bump when the initialisation changes so old checkpoint-0s are not reused
+
+
+def checkpoint_dir(cfg) -> Path:
+    return Path(cfg.output_dir) / "compressed" / "checkpoint-0"
+
+
+def _teacher_identity(cfg) -> dict:
+    """What identifies the teacher's weights without reading them: files, sizes and mtimes, or the hub revision."""
+    from moedistill.models import resolve
+
+    path = Path(resolve(cfg.teacher.name))
+    if path.is_dir():
+        files = sorted(
+            (f.name, f.stat().st_size, f.stat().st_mtime_ns)
+            for f in path.iterdir()
+            if f.suffix in (".safetensors", ".bin", ".json") and not f.name.startswith("tokenizer")
+        )
+        return {"path": str(path.resolve()), "files": files}
+    from transformers import AutoConfig
+
+    c = AutoConfig.from_pretrained(cfg.teacher.name, trust_remote_code=cfg.teacher.trust_remote_code)
+    return {"hub": cfg.teacher.name, "revision": getattr(c, "_commit_hash", None)}
+
+
+def _uses_calibration(cfg) -> bool:
+    return cfg.compress.core == "frequency" or cfg.compress.svd == "activation"
+
+
+def settings(cfg) -> dict:
+    """Everything checkpoint-0 depends on; equal settings -> the existing checkpoint is reused."""
+    c, d = cfg.compress, cfg.data
+    s = {
+        "version": SETTINGS_VERSION,
+        "teacher": _teacher_identity(cfg),
+        "teacher_dtype": cfg.teacher.dtype,
+        "rank": c.rank,
+        "compression_ratio": c.compression_ratio,
+        "core": c.core,
+        "svd": c.svd,
+        "damping": DEFAULT_DAMPING if c.svd == "activation" else None,
+    }
+    if _uses_calibration(cfg):
+        s["calibration"] = {
+            "dataset": d.dataset,
+            "dataset_config": d.dataset_config,
+            "split": d.split,
+            "text_field": d.text_field,
+            "max_samples": d.max_samples,
+            "seq_len": d.seq_len,
+            "sequences": c.calibration_sequences,
+        }
+    return s
+
+
+def settings_hash(s: dict) -> str:
+    return hashlib.sha256(json.dumps(s, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _existing(ckpt: Path, want: str) -> bool:
+    cfg_file = ckpt / "config.json"
+    if not cfg_file.is_file() or not any(ckpt.glob("*.safetensors")):
+        return False
+    try:
+        have = json.loads(cfg_file.read_text()).get("compression", {}).get("settings_hash")
+    except (json.JSONDecodeError, AttributeError):
+        return False
+    return have == want
+
+
+def compress_from_config(cfg) -> Path:
+    """Build (or reuse) checkpoint-0 from ``cfg.teacher`` with ``cfg.compress``; write the report.
+
+    Returns:
+        the checkpoint directory ``<cfg.output_dir>/compressed/checkpoint-0``.
+    """
+    from moedistill.data import prepare
+    from moedistill.models import get_model
+
+    ckpt = checkpoint_dir(cfg)
+    s = settings(cfg)
+    h = settings_hash(s)
+    if _existing(ckpt, h):
+        print(f"[compress] reusing {ckpt} (same teacher and settings, hash {h})")
+        return ckpt
+
+    c, d = cfg.compress, cfg.data
+    teacher, tokenizer = get_model(
+        cfg.teacher.name, dtype=cfg.teacher.dtype, device_map=cfg.teacher.device_map, trust_remote_code=cfg.teacher.trust_remote_code
+    )
+    rank = resolve_rank(teacher, c.rank, c.compression_ratio)
+    full = full_rank(teacher)
+    report_ranks = sorted({r for r in c.report_ranks if 0 <= r <= full})
+    skipped = sorted(set(c.report_ranks) - set(report_ranks))
+    if skipped:
+        print(f"[compress] report ranks {skipped} skipped: outside [0, {full}] (full rank of this teacher)")
+
+    stats = None
+    if _uses_calibration(cfg) or report_ranks:
+        calib = prepare(
+            tokenizer, d.dataset, seq_len=d.seq_len, dataset_config=d.dataset_config, split=d.split,
+            text_field=d.text_field, max_samples=d.max_samples, max_sequences=c.calibration_sequences,
+        )
+        stats = collect_calibration_stats(
+            teacher, calib.blocks, gram=c.svd == "activation" or bool(report_ranks), batch_size=cfg.cache.batch_size
+        )
+        print(f"[compress] calibration: {stats.sequences} sequences x {d.seq_len} tokens of {calib.source}")
+
+    # One set of factors per variant, at the largest rank any student of that variant needs.
+    variants = set(VARIANTS) if report_ranks else set()
+    variants.add((c.core, c.svd))
+    factors = {}
+    for core, svd in sorted(variants):
+        max_rank = max([r for r in report_ranks] + ([rank] if (core, svd) == (c.core, c.svd) else []))
+        factors[(core, svd)] = compute_factors(teacher, max_rank=max_rank, core=core, svd=svd, stats=stats)
+
+    record = compression_record(teacher, rank, core=c.core, svd=c.svd, stats=stats if _uses_calibration(cfg) else None, damping=DEFAULT_DAMPING)
+    record.update({"teacher": cfg.teacher.name, "settings": s, "settings_hash": h})
+    student = build_student(teacher, factors[(c.core, c.svd)], rank, record)
+    _save(student, tokenizer, ckpt)
+    print(f"[compress] wrote {ckpt} (rank {rank}, core={c.core}, svd={c.svd})")
+
+    # ---- report
+    eval_blocks = prepare(
+        tokenizer, d.dataset, seq_len=d.seq_len, dataset_config=d.dataset_config, split=d.eval_split,
+        text_field=d.text_field, max_sequences=REPORT_SEQUENCES,
+    ).blocks
+    bs = cfg.eval.batch_size
+    teacher_eval = evaluate(teacher, eval_blocks, batch_size=bs, desc="teacher")
+    c0_eval = evaluate(student, eval_blocks, teacher=teacher, batch_size=bs, desc="checkpoint-0")
+    t_counts, s_counts = parameter_counts(teacher), parameter_counts(student)
+    report = {
+        "teacher": cfg.teacher.name,
+        "checkpoint": str(ckpt),
+        "settings": s,
+        "parameters": {
+            "teacher": t_counts,
+            "student": s_counts,
+            "expert_compression_ratio": s_counts["experts"] / t_counts["experts"],
+            "model_compression_ratio": s_counts["total"] / t_counts["total"],
+        },
+        "teacher_eval": teacher_eval,
+        "checkpoint_0": {"rank": rank, "core": c.core, "svd": c.svd, **c0_eval},
+        "reconstruction_error": reconstruction_errors(teacher, student, stats),
+        "eval": {"split": d.eval_split, "sequences": len(eval_blocks), "seq_len": d.seq_len},
+        "sweep": [],
+    }
+    del student
+    ex = find_moe_blocks(teacher)[0][1].experts
+    for core, svd in VARIANTS if report_ranks else []:
+        for r in report_ranks:
+            base = compression_record(teacher, r, core=core, svd=svd, stats=stats, damping=DEFAULT_DAMPING)
+            st = build_student(teacher, factors[(core, svd)], r, base)
+            m = evaluate(st, eval_blocks, teacher=teacher, batch_size=bs, desc=f"{core}+{svd} r={r}")
+            errs = reconstruction_errors(teacher, st)
+            report["sweep"].append({
+                "rank": r, "core": core, "svd": svd,
+                "expert_compression_ratio": expert_ratio(r, ex.num_experts, ex.hidden_dim, ex.intermediate_dim),
+                "weight_error": sum(e["mean"] for e in errs) / len(errs),
+                **m,
+            })
+            del st
+    report["comparison"] = comparison(report["sweep"])
+    write_report(report, ckpt.parent)
+    return ckpt
+
+
+def _save(student, tokenizer, ckpt: Path) -> None:
+    """Write into a temporary sibling and rename, so a crash never leaves a checkpoint that looks complete."""
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    student.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if ckpt.exists():
+        shutil.rmtree(ckpt)
+    tmp.rename(ckpt)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,216 @@
+"""Compressed MoE experts: one shared core plus a low-rank wrapper per expert.
+
+For every MoE layer and each projection P in (gate, up, down) the teacher's expert
+weights W_i (i = 0..E-1) are replaced by
+
+    W_i  ~  C_P + B_{P,i} A_{P,i}        C_P: [out, in]   B: [out, r]   A: [r, in]
+
+and the forward pass computes ``C_P x + B_{P,i} (A_{P,i} x)`` for the tokens routed
+to expert i, never materialising W_i. Because the core is shared, its matmul runs once
+per token instead of once per (token, expert) pair: ``C_gate x`` and ``C_up x`` are
+computed for all tokens up front, and ``C_down`` is applied once to the routing-weighted
+sum of the experts' intermediate activations (by linearity this equals the sum of the
+per-expert outputs).
+
+The model classes subclass the transformers originals (Qwen3-MoE, Mixtral) and swap
+only ``mlp.experts``; attention, norms, the router (``mlp.gate``) and the load-balancing
+loss are the originals' code. Each has its own ``model_type`` so a checkpoint-0 loads
+with ``AutoModelForCausalLM.from_pretrained`` once ``moedistill.compression`` is
+imported, or with ``trust_remote_code=True`` from this file, which ``save_pretrained``
+copies beside the weights.
+
+This file imports nothing from moedistill on purpose: it must work on its own.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub.dataclasses import strict
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.models.mixtral.configuration_mixtral import MixtralConfig
+from transformers.models.mixtral.modeling_mixtral import MixtralForCausalLM
+from transformers.models.qwen3_moe.configuration_qwen3_moe import Qwen3MoeConfig
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeForCausalLM
+
+PROJECTIONS = ("gate", "up", "down")
+
+
+class CompressedExperts(nn.Module):
+    """Drop-in replacement for ``Qwen3MoeExperts`` / ``MixtralExperts``.
+
+    Parameters (E experts, hidden H, expert intermediate I, rank r)::
+
+        shared_core_gate [I, H]   wrapper_gate_A [E, r, H]   wrapper_gate_B [E, I, r]
+        shared_core_up   [I, H]   wrapper_up_A   [E, r, H]   wrapper_up_B   [E, I, r]
+        shared_core_down [H, I]   wrapper_down_A [E, r, I]   wrapper_down_B [E, H, r]
+
+    Called like the original: ``experts(hidden_states [T, H], top_k_index [T, k] int,
+    top_k_weights [T, k])`` -> ``[T, H]`` in the dtype of ``hidden_states``. An index equal
+    to ``num_experts`` is skipped, as in the original (expert-parallel padding).
+    """
+
+    def __init__(self, num_experts: int, hidden_dim: int, intermediate_dim: int, rank: int, hidden_act: str = "silu"):
+        super().__init__()
+        if rank < 0:
+            raise ValueError(f"rank must be >= 0, got {rank}")
+        self.num_experts = num_experts
+        self.hidden_dim = hidden_dim
+        self.intermediate_dim = intermediate_dim
+        self.rank = rank
+        self.act_fn = ACT2FN[hidden_act]
+        E, H, I, r = num_experts, hidden_dim, intermediate_dim, rank
+        self.shared_core_gate = nn.Parameter(torch.empty(I, H))
+        self.shared_core_up = nn.Parameter(torch.empty(I, H))
+        self.shared_core_down = nn.Parameter(torch.empty(H, I))
+        self.wrapper_gate_A = nn.Parameter(torch.empty(E, r, H))
+        self.wrapper_gate_B = nn.Parameter(torch.empty(E, I, r))
+        self.wrapper_up_A = nn.Parameter(torch.empty(E, r, H))
+        self.wrapper_up_B = nn.Parameter(torch.empty(E, I, r))
+        self.wrapper_down_A = nn.Parameter(torch.empty(E, r, I))
+        self.wrapper_down_B = nn.Parameter(torch.empty(E, H, r))
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02):
+        """Random core, random A, zero B: every expert starts equal to the core (like LoRA).
+
+        Only used when a model is built from a config; checkpoint-0 is initialised from
+        the teacher by ``moedistill.compression.compress_model``.
+        """
+        with torch.no_grad():
+            for p in (self.shared_core_gate, self.shared_core_up, self.shared_core_down):
+                nn.init.normal_(p, std=std)
+            for proj in PROJECTIONS:
+                nn.init.normal_(getattr(self, f"wrapper_{proj}_A"), std=std)
+                nn.init.zeros_(getattr(self, f"wrapper_{proj}_B"))
+
+    def extra_repr(self) -> str:
+        return f"experts={self.num_experts}, hidden={self.hidden_dim}, intermediate={self.intermediate_dim}, rank={self.rank}"
+
+    def core(self, proj: str) -> torch.Tensor:
+        return getattr(self, f"shared_core_{proj}")
+
+    def wrapper(self, proj: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B [E, out, r], A [E, r, in])`` of projection ``proj``."""
+        return getattr(self, f"wrapper_{proj}_B"), getattr(self, f"wrapper_{proj}_A")
+
+    @torch.no_grad()
+    def dense_weight(self, proj: str, expert: int | None = None) -> torch.Tensor:
+        """W = C + B A for one expert ``[out, in]`` or all ``[E, out, in]`` (export and tests only)."""
+        B, A = self.wrapper(proj)
+        if expert is not None:
+            B, A = B[expert], A[expert]
+        return self.core(proj) + B @ A
+
+    def _low_rank(self, x: torch.Tensor, proj: str, e: int) -> torch.Tensor:
+        B, A = self.wrapper(proj)
+        return F.linear(F.linear(x, A[e]), B[e])
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        I = self.intermediate_dim
+        # The core's share of gate and up, once per token for all experts.
+        core_gate_up = F.linear(hidden_states, torch.cat([self.shared_core_gate, self.shared_core_up]))
+        # Routing-weighted sum over a token's experts of act(gate) * up; C_down is applied to it once.
+        mixed = hidden_states.new_zeros(hidden_states.shape[0], I)
+        out = torch.zeros_like(hidden_states)
+        with torch.no_grad():
+            expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+            expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+        for expert_idx in expert_hit:
+            e = int(expert_idx[0])
+            if e == self.num_experts:
+                continue
+            top_k_pos, token_idx = torch.where(expert_mask[e])
+            x = hidden_states[token_idx]
+            gate = core_gate_up[token_idx, :I]
+            up = core_gate_up[token_idx, I:]
+            if self.rank > 0:
+                gate = gate + self._low_rank(x, "gate", e)
+                up = up + self._low_rank(x, "up", e)
+            h = self.act_fn(gate) * up
+            h = h * top_k_weights[token_idx, top_k_pos, None].to(h.dtype)
+            mixed.index_add_(0, token_idx, h)
+            if self.rank > 0:
+                out.index_add_(0, token_idx, self._low_rank(h, "down", e).to(out.dtype))
+        return out + F.linear(mixed, self.shared_core_down).to(out.dtype)
+
+
+def find_moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, block)`` of every sparse MoE block: a module with a ``gate`` router and an ``experts`` module."""
+    blocks = []
+    for name, module in model.named_modules():
+        experts = getattr(module, "experts", None)
+        if isinstance(getattr(module, "gate", None), nn.Module) and isinstance(experts, nn.Module):
+            if isinstance(experts, CompressedExperts) or (
+                getattr(experts, "gate_up_proj", None) is not None and getattr(experts, "down_proj", None) is not None
+            ):
+                blocks.append((name, module))
+    return blocks
+
+
+def _replace_experts(model: nn.Module, config) -> None:
+    rank = int((config.compression or {}).get("rank", 0))
+    for _, block in find_moe_blocks(model):
+        old = block.experts
+        block.experts = CompressedExperts(
+            old.num_experts, old.hidden_dim, old.intermediate_dim, rank, config.hidden_act
+        )
+
+
+def _without_expert_plans(plan: dict | None) -> dict | None:
+    # The originals shard the stacked expert tensors for tensor/expert parallelism; ours have other names.
+    return None if plan is None else {k: v for k, v in plan.items() if ".experts" not in k}
+
+
+# ---------------------------------------------------------------------- Qwen3-MoE
+
+
+@strict
+class MoedistillQwen3MoeConfig(Qwen3MoeConfig):
+    """``Qwen3MoeConfig`` plus ``compression``: how checkpoint-0 was made (method, rank, core, svd, ...)."""
+
+    model_type = "moedistill_qwen3_moe"
+    base_model_tp_plan = _without_expert_plans(Qwen3MoeConfig.base_model_tp_plan)
+    base_model_ep_plan = None
+    compression: dict | None = None
+
+
+class MoedistillQwen3MoeForCausalLM(Qwen3MoeForCausalLM):
+    """``Qwen3MoeForCausalLM`` whose experts are ``CompressedExperts`` of rank ``config.compression['rank']``."""
+
+    config_class = MoedistillQwen3MoeConfig
+
+    def __init__(self, config: MoedistillQwen3MoeConfig):
+        super().__init__(config)
+        _replace_experts(self, config)
+
+
+# ---------------------------------------------------------------------- Mixtral
+
+
+@strict
+class MoedistillMixtralConfig(MixtralConfig):
+    """``MixtralConfig`` plus ``compression``: how checkpoint-0 was made (method, rank, core, svd, ...)."""
+
+    model_type = "moedistill_mixtral"
+    base_model_tp_plan = _without_expert_plans(MixtralConfig.base_model_tp_plan)
+    base_model_ep_plan = None
+    compression: dict | None = None
+
+
+class MoedistillMixtralForCausalLM(MixtralForCausalLM):
+    """``MixtralForCausalLM`` whose experts are ``CompressedExperts`` of rank ``config.compression['rank']``."""
+
+    config_class = MoedistillMixtralConfig
+
+    def __init__(self, config: MoedistillMixtralConfig):
+        super().__init__(config)
+        _replace_experts(self, config)
+
+
+# teacher model_type -> (compressed config class, compressed model class, plain config class, plain model class)
+ARCHITECTURES = {
+    "qwen3_moe": (MoedistillQwen3MoeConfig, MoedistillQwen3MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM),
+    "mixtral": (MoedistillMixtralConfig, MoedistillMixtralForCausalLM, MixtralConfig, MixtralForCausalLM),
+}

@@ -1,0 +1,192 @@
+"""The compression report: what checkpoint-0 costs and how much it loses, before any training.
+
+- parameters before/after (experts and the whole model) and the compression ratios;
+- per layer and projection, the relative reconstruction error of the expert weights,
+  ``sqrt(sum_i ||W_i - W^_i||^2) / sqrt(sum_i ||W_i||^2)``, and, when Gram matrices of
+  the calibration inputs are at hand, the same on the routed inputs (the quantity the
+  activation-aware SVD minimises): ``sqrt(sum_i tr(D_i G_i D_i^T)) / sqrt(sum_i tr(W_i G_i W_i^T))``;
+- validation perplexity (and KL to / top-1 agreement with the teacher) of the teacher
+  and checkpoint-0, and, for ``compress.report_ranks``, of every variant
+  (mean|frequency core x plain|activation SVD) at each rank: a markdown table and a
+  PNG plot of perplexity against the expert compression ratio.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moedistill.compression.init import CalibrationStats, teacher_expert_weights
+from moedistill.compression.modeling_moedistill import PROJECTIONS, find_moe_blocks
+
+VARIANTS = (("mean", "plain"), ("frequency", "plain"), ("mean", "activation"), ("frequency", "activation"))
+
+
+def parameter_counts(model: nn.Module) -> dict:
+    """``{"total", "experts"}``: unique parameters, and those inside ``mlp.experts`` modules."""
+    total = sum(p.numel() for p in model.parameters())
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    return {"total": total, "experts": experts}
+
+
+@torch.no_grad()
+def reconstruction_errors(teacher: nn.Module, student: nn.Module, stats: CalibrationStats | None = None) -> list[dict]:
+    """Per MoE layer: relative weight error of each projection (and on the routed inputs, given Grams)."""
+    rows = []
+    t_blocks, s_blocks = find_moe_blocks(teacher), find_moe_blocks(student)
+    for l, ((name, tb), (_, sb)) in enumerate(zip(t_blocks, s_blocks)):
+        W_all = teacher_expert_weights(tb.experts)
+        row = {"layer": name}
+        for p in PROJECTIONS:
+            W = W_all[p].double()
+            D = W - sb.experts.dense_weight(p).double().to(W.device)
+            row[p] = float(D.norm() / W.norm())
+            if stats is not None and stats.has_gram:
+                G = (stats.gram_mid if p == "down" else stats.gram_in)[l].double().to(W.device)
+                num = torch.einsum("eoi,eij,eoj->", D, G, D)
+                den = torch.einsum("eoi,eij,eoj->", W, G, W)
+                row[f"{p}_on_inputs"] = float((num / den).clamp_min(0).sqrt())
+        row["mean"] = sum(row[p] for p in PROJECTIONS) / len(PROJECTIONS)
+        rows.append(row)
+    return rows
+
+
+def evaluate(model, blocks, teacher=None, batch_size: int = 8, desc: str = "eval") -> dict:
+    """Perplexity (and KL/agreement given the teacher) on packed blocks, via ``moedistill.evaluate``."""
+    from moedistill.evaluate import evaluate_model
+
+    m = evaluate_model(model, blocks, teacher=teacher, batch_size=batch_size, desc=desc)
+    return {k: m[k] for k in ("perplexity", "ce", "kl", "agreement", "tokens") if k in m}
+
+
+def comparison(sweep: list[dict]) -> list[dict]:
+    """Per rank: each variant's perplexity minus that of mean+plain (negative = better than plain)."""
+    out = []
+    for r in sorted({row["rank"] for row in sweep}):
+        at = {(row["core"], row["svd"]): row for row in sweep if row["rank"] == r}
+        base = at.get(("mean", "plain"))
+        if base is None:
+            continue
+        entry = {"rank": r, "mean+plain": base["perplexity"]}
+        for (core, svd), row in at.items():
+            if (core, svd) != ("mean", "plain"):
+                entry[f"{core}+{svd} - mean+plain"] = row["perplexity"] - base["perplexity"]
+        best = min(at.values(), key=lambda row: row["perplexity"])
+        entry["best"] = f"{best['core']}+{best['svd']}"
+        out.append(entry)
+    return out
+
+
+def markdown(report: dict) -> str:
+    """The report as markdown: parameters, checkpoint-0, the sweep table, per-layer errors."""
+    p = report["parameters"]
+    c0 = report["checkpoint_0"]
+    lines = [
+        "# Compression report (zero-shot checkpoint-0)",
+        "",
+        f"teacher `{report['teacher']}` -> `{report['checkpoint']}`",
+        "",
+        "| | teacher | checkpoint-0 | ratio |",
+        "|---|---:|---:|---:|",
+        f"| expert parameters | {p['teacher']['experts']:,} | {p['student']['experts']:,} | {p['expert_compression_ratio']:.4f} |",
+        f"| all parameters | {p['teacher']['total']:,} | {p['student']['total']:,} | {p['model_compression_ratio']:.4f} |",
+        "",
+        f"checkpoint-0: core={c0['core']}, svd={c0['svd']}, rank={c0['rank']}; "
+        f"validation perplexity {c0['perplexity']:.3f} (teacher {report['teacher_eval']['perplexity']:.3f}), "
+        f"KL to teacher {c0.get('kl', float('nan')):.4f} nats/token, top-1 agreement {c0.get('agreement', float('nan')):.3f} "
+        f"({report['eval']['sequences']} sequences x {report['eval']['seq_len']} tokens of split '{report['eval']['split']}')",
+        "",
+    ]
+    if report.get("sweep"):
+        lines += [
+            f"## Validation perplexity by rank and variant (teacher: {report['teacher_eval']['perplexity']:.3f})",
+            "",
+            "| rank | expert ratio | " + " | ".join(f"{c}+{s}" for c, s in VARIANTS) + " | best |",
+            "|---:|---:|" + "---:|" * len(VARIANTS) + "---|",
+        ]
+        for r in sorted({row["rank"] for row in report["sweep"]}):
+            at = {(row["core"], row["svd"]): row for row in report["sweep"] if row["rank"] == r}
+            ratio = next(iter(at.values()))["expert_compression_ratio"]
+            cells = [f"{at[v]['perplexity']:.3f}" if v in at else "-" for v in VARIANTS]
+            best = min(at.values(), key=lambda row: row["perplexity"])
+            lines.append(f"| {r} | {ratio:.3f} | " + " | ".join(cells) + f" | {best['core']}+{best['svd']} |")
+        lines += ["", "KL(teacher || checkpoint) in nats/token, same layout:", ""]
+        lines += ["| rank | " + " | ".join(f"{c}+{s}" for c, s in VARIANTS) + " |", "|---:|" + "---:|" * len(VARIANTS)]
+        for r in sorted({row["rank"] for row in report["sweep"]}):
+            at = {(row["core"], row["svd"]): row for row in report["sweep"] if row["rank"] == r}
+            lines.append(f"| {r} | " + " | ".join(f"{at[v]['kl']:.4f}" if v in at and "kl" in at[v] else "-" for v in VARIANTS) + " |")
+        lines.append("")
+    lines += [
+        "## Relative reconstruction error of the expert weights (checkpoint-0)",
+        "",
+        "| layer | gate | up | down | gate on inputs | up on inputs | down on inputs |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in report["reconstruction_error"]:
+        on = [f"{row[f'{p}_on_inputs']:.4f}" if f"{p}_on_inputs" in row else "-" for p in PROJECTIONS]
+        lines.append(f"| {row['layer']} | {row['gate']:.4f} | {row['up']:.4f} | {row['down']:.4f} | " + " | ".join(on) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    """PNG: perplexity vs expert compression ratio per variant; per-layer reconstruction error."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    teacher_ppl = report["teacher_eval"]["perplexity"]
+    for core, svd in VARIANTS:
+        rows = sorted((r for r in report.get("sweep", []) if r["core"] == core and r["svd"] == svd), key=lambda r: r["rank"])
+        if rows:
+            ax1.plot([r["expert_compression_ratio"] for r in rows], [r["perplexity"] for r in rows], "o-", label=f"{core}+{svd}")
+    c0 = report["checkpoint_0"]
+    ax1.plot([report["parameters"]["expert_compression_ratio"]], [c0["perplexity"]], "k*", ms=14, label="checkpoint-0")
+    ax1.axhline(teacher_ppl, color="gray", ls="--", label=f"teacher {teacher_ppl:.2f}")
+    ax1.set_xscale("log")
+    ax1.set_yscale("log")
+    ax1.set_xlabel("expert parameters, student / teacher")
+    ax1.set_ylabel("validation perplexity")
+    ax1.set_title("zero-shot perplexity vs compression")
+    ax1.legend(fontsize=8)
+    errs = report["reconstruction_error"]
+    xs = range(len(errs))
+    width = 0.25
+    for j, p in enumerate(PROJECTIONS):
+        ax2.bar([x + (j - 1) * width for x in xs], [r[p] for r in errs], width, label=p)
+    ax2.set_xticks(list(xs))
+    ax2.set_xticklabels([r["layer"].replace("model.layers.", "L").replace(".mlp", "") for r in errs])
+    ax2.set_ylabel("relative Frobenius error")
+    ax2.set_title(f"checkpoint-0 expert weights (rank {c0['rank']}, {c0['core']}+{c0['svd']})")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(report: dict, out_dir: Path) -> dict[str, Path]:
+    """Write ``report.json``, ``report.md`` and ``report.png`` into ``out_dir``; print the markdown."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out_dir / "report.json", "markdown": out_dir / "report.md", "png": out_dir / "report.png"}
+
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, list):
+            return [clean(v) for v in x]
+        return x
+
+    paths["json"].write_text(json.dumps(clean(report), indent=2) + "\n")
+    md = markdown(report)
+    paths["markdown"].write_text(md)
+    plot(report, paths["png"])
+    print(md)
+    print(f"[compress] report: {paths['json']}, {paths['markdown']}, {paths['png']}")
+    return paths

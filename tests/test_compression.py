@@ -1,0 +1,381 @@
+"""Compressed experts: forward vs a dense reference, zero-shot init, save/load, export, report.
+
+Most tests use small random-init Qwen3-MoE / Mixtral models (seconds); one uses the
+embedded tiny teacher.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+import moedistill.compression as mc
+from moedistill.compression.init import (
+    collect_calibration_stats,
+    compute_factors,
+    rank_for_ratio,
+    teacher_expert_weights,
+)
+from moedistill.compression.modeling_moedistill import CompressedExperts, find_moe_blocks
+from moedistill.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+SEED_CORE, SEED_WRAPPER = ".*shared_core.*", ".*wrapper.*"  # the seed's param-group regexes
+H, I, E, V = 32, 16, 4, 96  # hidden, expert intermediate, experts, vocab: full rank = 16
+
+
+def _teacher(arch: str = "qwen3_moe", seed: int = 0, vocab: int = V):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab, hidden_size=H, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=8, num_experts_per_tok=2, initializer_range=0.1)
+    if arch == "qwen3_moe":
+        cfg = Qwen3MoeConfig(**common, intermediate_size=64, moe_intermediate_size=I, num_experts=E,
+                             norm_topk_prob=True, tie_word_embeddings=True)
+        return Qwen3MoeForCausalLM(cfg).eval()
+    cfg = MixtralConfig(**common, intermediate_size=I, num_local_experts=E, tie_word_embeddings=False)
+    return MixtralForCausalLM(cfg).eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls on 2 shared cores: a second intra-op thread only waits (10x slower under load)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return _teacher("qwen3_moe")
+
+
+@pytest.fixture(scope="module")
+def mixtral():
+    return _teacher("mixtral", seed=1)
+
+
+@pytest.fixture(scope="module")
+def calib():
+    return torch.randint(0, V, (6, 24), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module")
+def stats(qwen, calib):
+    return collect_calibration_stats(qwen, calib)
+
+
+X = torch.randint(0, V, (2, 10), generator=torch.Generator().manual_seed(7))
+
+
+def _logits(model, x=X, **kw):
+    with torch.no_grad():
+        return model(input_ids=x, **kw)
+
+
+def _rel(a, b):
+    return float((a - b).detach().norm() / b.detach().norm())
+
+
+# --------------------------------------------------------------------------- the module
+
+
+@pytest.mark.parametrize("rank", [0, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_forward_equals_dense_experts_reference(rank, dtype):
+    """C x + B_i (A_i x) per routed token == the original module run on W_i = C + B_i A_i."""
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+    torch.manual_seed(0)
+    ex = CompressedExperts(E, H, I, rank).to(dtype)
+    with torch.no_grad():
+        for p in ("gate", "up", "down"):
+            ex.wrapper(p)[0].normal_()  # B is zero after reset; make the wrappers matter
+    ref = Qwen3MoeExperts(Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=I, num_experts=E)).to(dtype)
+    ref.config._experts_implementation = "eager"
+    with torch.no_grad():
+        ref.gate_up_proj.copy_(torch.cat([ex.dense_weight("gate"), ex.dense_weight("up")], dim=1))
+        ref.down_proj.copy_(ex.dense_weight("down"))
+    x = torch.randn(9, H, dtype=dtype)
+    idx = torch.stack([torch.randperm(E)[:2] for _ in range(9)])
+    idx[0, 1] = E  # the "no expert" sentinel of expert parallelism is skipped by both
+    w = torch.rand(9, 2, dtype=dtype)
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert _rel(ex(x, idx, w), ref(x, idx, w)) < tol
+
+
+def test_compressed_parameter_names_and_seed_regexes(qwen):
+    student = mc.compress_model(qwen, rank=4)
+    names = [n for n, _ in student.named_parameters()]
+    core = {n for n in names if re.search(SEED_CORE, n)}
+    wrapper = {n for n in names if re.search(SEED_WRAPPER, n)}
+    expected_core = {f"model.layers.{l}.mlp.experts.shared_core_{p}" for l in range(2) for p in ("gate", "up", "down")}
+    expected_wrapper = {
+        f"model.layers.{l}.mlp.experts.wrapper_{p}_{f}" for l in range(2) for p in ("gate", "up", "down") for f in "AB"
+    }
+    assert core == expected_core and wrapper == expected_wrapper
+    # nothing else lives in the experts; the router keeps its name
+    assert {n for n in names if ".experts." in n} == core | wrapper
+    assert "model.layers.0.mlp.gate.weight" in names
+
+
+# --------------------------------------------------------------------------- zero-shot init
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("core,svd", [("mean", "plain"), ("frequency", "activation")])
+def test_full_rank_student_equals_teacher(arch, core, svd, qwen, mixtral, calib):
+    teacher = qwen if arch == "qwen3_moe" else mixtral
+    student = mc.compress_model(teacher, rank=I, core=core, svd=svd, calibration=calib)
+    assert type(student).__name__.startswith("Moedistill")
+    assert _rel(_logits(student).logits, _logits(teacher).logits) <= 1e-5
+
+
+def test_rank_zero_every_expert_is_the_core(qwen, stats):
+    for core in ("mean", "frequency"):
+        student = mc.compress_model(qwen, rank=0, core=core, calibration=stats)
+        for _, block in find_moe_blocks(student):
+            for p in ("gate", "up", "down"):
+                dense = block.experts.dense_weight(p)
+                assert torch.equal(dense, block.experts.core(p).expand_as(dense))
+
+
+def test_cores_are_mean_and_routing_frequency_weighted_mean(qwen, calib, stats):
+    # reference counts: the router's top-k choices, recounted independently of the hooks
+    routers = [b.gate for _, b in find_moe_blocks(qwen)]
+    ref = [torch.zeros(E, dtype=torch.float64) for _ in routers]
+
+    def count(l):
+        def hook(module, inputs, out):
+            ref[l] += torch.bincount(out[2].reshape(-1), minlength=E).double()
+
+        return hook
+
+    handles = [r.register_forward_hook(count(l)) for l, r in enumerate(routers)]
+    _logits(qwen, calib)
+    for h in handles:
+        h.remove()
+    for l in range(len(routers)):
+        assert torch.equal(stats.counts[l], ref[l]) and stats.counts[l].sum() == 2 * calib.numel()
+    f_mean = compute_factors(qwen, max_rank=1, core="mean")
+    f_freq = compute_factors(qwen, max_rank=1, core="frequency", stats=stats)
+    for l, (_, block) in enumerate(find_moe_blocks(qwen)):
+        for p, W in teacher_expert_weights(block.experts).items():
+            torch.testing.assert_close(f_mean[l].core[p], W.mean(0))
+            w = ref[l] / ref[l].sum()
+            torch.testing.assert_close(f_freq[l].core[p], (w[:, None, None].float() * W).sum(0))
+
+
+def test_plain_svd_error_is_the_discarded_singular_values(qwen):
+    r = 5
+    student = mc.compress_model(qwen, rank=r)
+    for (_, tb), (_, sb) in zip(find_moe_blocks(qwen), find_moe_blocks(student)):
+        for p, W in teacher_expert_weights(tb.experts).items():
+            W = W.double()
+            C = W.mean(0)
+            for e in range(E):
+                err = (W[e] - sb.experts.dense_weight(p, e).double()).norm()
+                discarded = torch.linalg.svdvals(W[e] - C)[r:].norm()
+                assert abs(err - discarded) <= 1e-5 * W[e].norm()
+
+
+def test_activation_svd_is_optimal_on_the_routed_inputs(qwen, stats):
+    """Whitened SVD: error on the inputs == discarded whitened singular values, and below plain SVD's."""
+    r = 4
+    act = compute_factors(qwen, max_rank=r, svd="activation", stats=stats)
+    plain = compute_factors(qwen, max_rank=r, svd="plain")
+    for l, (_, block) in enumerate(find_moe_blocks(qwen)):
+        for p, W in teacher_expert_weights(block.experts).items():
+            for e in range(E):
+                G = (stats.gram_mid if p == "down" else stats.gram_in)[l][e].double()
+                G = G + 1e-2 * G.diagonal().mean() * torch.eye(len(G), dtype=G.dtype)  # the damped Gram it whitens with
+                S = torch.linalg.cholesky(G)
+                D = W[e].detach().double() - act[l].core[p].double()
+
+                def on_inputs(f):
+                    M = f.B[p][e].double() @ f.A[p][e].double()
+                    return float(torch.sqrt(torch.trace((D - M) @ G @ (D - M).T)))
+
+                discarded = float(torch.linalg.svdvals(D @ S)[r:].norm())
+                assert abs(on_inputs(act[l]) - discarded) <= 1e-4 * discarded
+                assert on_inputs(act[l]) <= on_inputs(plain[l]) * (1 + 1e-6)
+
+
+def test_rank_from_compression_ratio():
+    # ratio = 1/E + r (H + I) / (I H)
+    assert rank_for_ratio(1 / 8, 8, 128, 64) == 0
+    assert rank_for_ratio(0.25, 8, 128, 64) == 5  # (0.25 - 0.125) * 8192 / 192 = 5.33
+    assert rank_for_ratio(10.0, 8, 128, 64) == 64  # capped at full rank
+    with pytest.raises(UserError, match="below"):
+        rank_for_ratio(0.1, 8, 128, 64)
+
+
+def test_student_ratio_matches_the_request_and_user_errors(qwen):
+    student = mc.compress_model(qwen, compression_ratio=0.5)
+    counts = lambda m: sum(p.numel() for n, p in m.named_parameters() if ".experts." in n)  # noqa: E731
+    assert counts(student) / counts(qwen) <= 0.5
+    assert student.config.compression["rank"] == rank_for_ratio(0.5, E, H, I)
+    with pytest.raises(UserError, match="exactly one"):
+        mc.compress_model(qwen, rank=2, compression_ratio=0.5)
+    with pytest.raises(UserError, match="outside"):
+        mc.compress_model(qwen, rank=I + 1)
+    with pytest.raises(UserError, match="calibration"):
+        mc.compress_model(qwen, rank=2, core="frequency")
+    with pytest.raises(UserError, match="calibration"):
+        mc.compress_model(qwen, rank=2, svd="activation")
+
+
+def test_router_unchanged_teacher_untouched_and_aux_loss(qwen, stats):
+    before = {n: p.clone() for n, p in qwen.named_parameters()}
+    student = mc.compress_model(qwen, rank=I, core="frequency", svd="activation", calibration=stats)
+    for n, p in qwen.named_parameters():
+        assert torch.equal(p, before[n]), n
+    for (_, tb), (_, sb) in zip(find_moe_blocks(qwen), find_moe_blocks(student)):
+        assert torch.equal(tb.gate.weight, sb.gate.weight)
+        assert tb.gate.weight.data_ptr() != sb.gate.weight.data_ptr()  # a copy: training the student leaves the teacher alone
+    out_s = _logits(student, output_router_logits=True)
+    out_t = _logits(qwen, output_router_logits=True)
+    assert out_s.aux_loss is not None and torch.isfinite(out_s.aux_loss)
+    assert len(out_s.router_logits) == 2
+    torch.testing.assert_close(out_s.aux_loss, out_t.aux_loss)
+
+
+def test_gradients_reach_core_and_wrappers(qwen, stats):
+    student = mc.compress_model(qwen, rank=3, core="frequency", calibration=stats).train()
+    logits = student(input_ids=X, output_router_logits=True).logits
+    F.cross_entropy(logits[:, :-1].reshape(-1, V), X[:, 1:].reshape(-1)).backward()
+    for n, p in student.named_parameters():
+        if re.search(SEED_CORE, n) or re.search(SEED_WRAPPER, n):
+            assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, n
+    # one optimizer step changes the loss
+    opt = torch.optim.SGD(student.parameters(), lr=0.5)
+    loss0 = F.cross_entropy(student(input_ids=X).logits[:, :-1].reshape(-1, V), X[:, 1:].reshape(-1))
+    opt.step()
+    loss1 = F.cross_entropy(student(input_ids=X).logits[:, :-1].reshape(-1, V), X[:, 1:].reshape(-1))
+    assert loss1.item() != loss0.item()
+
+
+# --------------------------------------------------------------------------- save, load, export
+
+
+def test_save_load_and_export_roundtrip(qwen, mixtral, stats, calib, tmp_path):
+    """save -> load (Auto classes, get_model) identical; export -> plain transformers (no moedistill) equal."""
+    from moedistill.models import get_model
+
+    cases = {}
+    for arch, teacher, kw in [("qwen3_moe", qwen, dict(core="frequency", svd="activation", calibration=stats)),
+                              ("mixtral", mixtral, dict(calibration=calib, svd="activation"))]:
+        student = mc.compress_model(teacher, rank=3, **kw)
+        ckpt, out = tmp_path / f"{arch}-ckpt", tmp_path / f"{arch}-export"
+        student.save_pretrained(ckpt)
+        cfg = json.loads((ckpt / "config.json").read_text())
+        assert cfg["model_type"] == f"moedistill_{arch}" and cfg["compression"]["rank"] == 3
+        assert cfg["compression"]["core"] == kw.get("core", "mean") and cfg["compression"]["svd"] == "activation"
+        ref = _logits(student).logits
+        loaded = AutoModelForCausalLM.from_pretrained(ckpt)
+        assert type(loaded) is type(student)
+        assert torch.equal(_logits(loaded).logits, ref)
+        via_get_model, _ = get_model(str(ckpt), with_tokenizer=False)
+        assert torch.equal(_logits(via_get_model).logits, ref)
+        mc.export_checkpoint(ckpt, out)
+        cases[arch] = (ckpt, out, ref)
+    with pytest.raises(UserError, match="not empty"):
+        mc.export_checkpoint(cases["qwen3_moe"][0], cases["qwen3_moe"][1])
+
+    torch.save(X, tmp_path / "x.pt")
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from transformers import AutoModelForCausalLM
+        x = torch.load({str(tmp_path / 'x.pt')!r})
+        res = {{}}
+        for arch, ckpt, out in {[(a, str(c), str(o)) for a, (c, o, _) in cases.items()]!r}:
+            dense = AutoModelForCausalLM.from_pretrained(out)
+            assert dense.config.model_type == arch and "auto_map" not in dense.config.to_dict(), dense.config
+            remote = AutoModelForCausalLM.from_pretrained(ckpt, trust_remote_code=True)
+            with torch.no_grad():
+                res[arch] = (type(dense).__name__, dense(input_ids=x).logits, remote(input_ids=x).logits)
+        assert not any(m.startswith("moedistill") for m in sys.modules), "moedistill was imported"
+        torch.save(res, {str(tmp_path / 'res.pt')!r})
+    """)
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = torch.load(tmp_path / "res.pt")
+    for arch, (_, _, ref) in cases.items():
+        cls_name, dense_logits, remote_logits = res[arch]
+        assert cls_name == {"qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM"}[arch]
+        assert _rel(dense_logits, ref) <= 1e-5
+        assert torch.equal(remote_logits, ref)
+
+
+def test_export_rejects_a_plain_checkpoint(qwen, tmp_path):
+    qwen.save_pretrained(tmp_path / "plain")
+    with pytest.raises(UserError, match="not a moedistill compressed model"):
+        mc.export_checkpoint(tmp_path / "plain", tmp_path / "out")
+
+
+# --------------------------------------------------------------------------- moedistill compress
+
+
+def test_compress_from_config_writes_checkpoint_and_report_and_reuses(tmp_path, monkeypatch):
+    from moedistill.compression import checkpoint as ck
+    from moedistill.config import load_config
+    from moedistill.models import TINY_TEACHER, load_tokenizer
+
+    tok = load_tokenizer(str(TINY_TEACHER))
+    teacher_dir = tmp_path / "teacher"
+    _teacher(vocab=len(tok)).save_pretrained(teacher_dir)
+    tok.save_pretrained(teacher_dir)
+    monkeypatch.setattr(ck, "REPORT_SEQUENCES", 4)
+    cfg = load_config("tiny", [
+        f"output_dir={tmp_path / 'run'}", f"teacher.name={teacher_dir}", "data.seq_len=32", "data.max_samples=200",
+        "compress.rank=2", "compress.core=frequency", "compress.svd=activation",
+        "compress.calibration_sequences=4", "compress.report_ranks=[1,16,99]", "eval.batch_size=4",
+    ])
+    ckpt = mc.compress_from_config(cfg)
+    assert ckpt == tmp_path / "run" / "compressed" / "checkpoint-0"
+    assert (ckpt / "tokenizer.json").is_file() and (ckpt / "modeling_moedistill.py").is_file()
+    report = json.loads((ckpt.parent / "report.json").read_text())
+    assert (ckpt.parent / "report.png").stat().st_size > 0 and (ckpt.parent / "report.md").is_file()
+    assert report["checkpoint_0"]["rank"] == 2 and report["parameters"]["expert_compression_ratio"] < 1
+    assert len(report["reconstruction_error"]) == 2
+    assert {(r["rank"], r["core"], r["svd"]) for r in report["sweep"]} == {
+        (r, c, s) for r in (1, 16) for c in ("mean", "frequency") for s in ("plain", "activation")
+    }
+    for row in report["sweep"]:  # full rank reproduces the teacher
+        if row["rank"] == 16:
+            assert abs(row["perplexity"] - report["teacher_eval"]["perplexity"]) < 1e-3 and row["kl"] < 1e-6
+    student, _ = mc_get(ckpt)
+    assert student.config.compression["rank"] == 2 and student.config.compression["svd"] == "activation"
+    # same settings: reused without loading the teacher; other settings: rebuilt
+    mtime = (ckpt / "model.safetensors").stat().st_mtime_ns
+    monkeypatch.setattr("moedistill.models.get_model", lambda *a, **k: pytest.fail("teacher loaded on reuse"))
+    assert mc.compress_from_config(cfg) == ckpt
+    assert (ckpt / "model.safetensors").stat().st_mtime_ns == mtime
+    cfg.compress.rank = 1
+    cfg.compress.report_ranks = []
+    with pytest.raises(pytest.fail.Exception, match="teacher loaded"):
+        mc.compress_from_config(cfg)
+
+
+def mc_get(ckpt):
+    from moedistill.models import get_model
+
+    return get_model(str(ckpt))
+
+
+def test_tiny_teacher_full_rank_roundtrip(tiny):
+    teacher, tok = tiny
+    calib = torch.randint(0, teacher.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    student = mc.compress_model(teacher, rank=min(teacher.config.hidden_size, teacher.config.moe_intermediate_size),
+                                core="frequency", svd="activation", calibration=calib)
+    x = calib[:, :16]
+    assert _rel(_logits(student, x).logits, _logits(teacher, x).logits) <= 1e-5
