@@ -282,6 +282,7 @@ def run_stages(
         callbacks: extra ``TrainerCallback``s for every stage's trainer.
     Returns:
         ``{"run_dir", "final_model" (None if stopped early), "stages", "train_metrics",
+        "initial_eval" (fresh runs with an eval set), "final_eval" (with an eval set),
         "stopped_at" (global step, only if a callback stopped a stage early)}``.
     """
     from moedistill.trainer import DistillationTrainer
@@ -331,6 +332,8 @@ def run_stages(
             st.loss.alpha, st.loss.temperature, st.loss.tail,
         )
         resume_here = str(ckpt) if (ckpt is not None and st.index == first) else None
+        if eval_dataset is not None and resume is None and st.index == 0:
+            result["initial_eval"] = trainer.evaluate()  # logged at step 0: the starting point of the curves
         out = trainer.train(resume_from_checkpoint=resume_here)
         result["train_metrics"] = dict(out.metrics)
         if trainer.state.global_step < st.max_steps:
@@ -343,5 +346,6 @@ def run_stages(
     final = run_dir / FINAL_DIR
     trainer.save_model(str(final))
     result["final_model"] = str(final)
-    result["trainer"] = trainer
+    if eval_dataset is not None:
+        result["final_eval"] = trainer.evaluate()
     return result

@@ -302,6 +302,11 @@ class DistillationTrainer(Trainer):
             if self._has_aux:
                 logs["router_aux_loss"] = aux
             self._parts = None
+        if "learning_rate" in logs and self.optimizer is not None:
+            # the Trainer reports the first group's lr; report the base lr (multiplier 1) instead
+            mult = self.optimizer.param_groups[0].get("lr_multiplier")
+            if mult:
+                logs["learning_rate"] = logs["learning_rate"] / mult
         if self.stage_index is not None:
             logs["stage"] = self.stage_index
             logs["global_step"] = self.step_offset + self.state.global_step
@@ -314,9 +319,12 @@ class DistillationTrainer(Trainer):
 
         Returns ``{prefix}_loss`` (the training objective at this trainer's alpha and
         temperature), ``{prefix}_ce`` (cross-entropy with the labels, nats/token),
-        ``{prefix}_kl`` (KL(teacher || student) at temperature 1; from the stored
-        sparse targets offline, exact online), ``{prefix}_perplexity`` = exp(ce),
-        ``{prefix}_tokens`` and ``{prefix}_runtime``.
+        ``{prefix}_kl`` (KL(teacher || student) at temperature 1: exact online; offline
+        from the stored ids with the rest of the mass as one bucket -- ``tail`` mode, a
+        lower bound on the full KL, exact when the ids hold all the mass -- or the
+        sampled estimate for a sample-mode cache), ``{prefix}_perplexity`` = exp(ce),
+        ``{prefix}_tokens`` and ``{prefix}_runtime``. A sample-mode objective evaluated
+        on a top-k cache falls back to ``tail`` for ``{prefix}_loss``.
         """
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if isinstance(dataset, dict):
@@ -338,11 +346,16 @@ class DistillationTrainer(Trainer):
                 inputs = self._prepare_inputs(inputs)
                 n = inputs["labels"].ne(-100).sum()
                 logits, _, teacher_logits = self._forward(model, inputs)
-                common = dict(tail=cfg.tail, num_items_in_batch=None)
-                parts = self._distill(logits, inputs, teacher_logits, alpha=cfg.alpha, temperature=cfg.temperature, **common)
+                # the eval cache may be top-k while training used sampled targets: use what it holds
+                sampled = "target_counts" in inputs
+                tail = cfg.tail if (cfg.tail == "sample") == sampled else ("sample" if sampled else "tail")
+                kl_tail = "sample" if sampled else "tail"
+                parts = self._distill(logits, inputs, teacher_logits, alpha=cfg.alpha, temperature=cfg.temperature,
+                                      tail=tail, num_items_in_batch=None)
                 kl1 = parts.kl
-                if cfg.temperature != 1.0:
-                    kl1 = self._distill(logits, inputs, teacher_logits, alpha=1.0, temperature=1.0, **common).kl
+                if cfg.temperature != 1.0 or tail != kl_tail:
+                    kl1 = self._distill(logits, inputs, teacher_logits, alpha=1.0, temperature=1.0, tail=kl_tail,
+                                        num_items_in_batch=None).kl
                 sums += torch.stack([parts.total * n, parts.ce * n, kl1 * n, n.to(parts.total.dtype)]).double()
         model.train(was_training)
         if self.args.world_size > 1:

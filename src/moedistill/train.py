@@ -1,0 +1,188 @@
+"""``moedistill train``: distill the student from the teacher cache, stage by stage.
+
+``train_from_config(cfg)`` resolves what the config names and hands it to
+``moedistill.stages.run_stages``:
+
+- the student: ``cfg.student.name``, or ``<output_dir>/compressed/checkpoint-0`` (built
+  with ``moedistill.compression.compress_from_config`` when missing);
+- the training cache: ``cfg.cache.dir`` or ``<output_dir>/cache/<mode>`` (generated with
+  ``moedistill.cache.generate.generate_from_config`` when missing);
+- the eval cache: top-k targets of ``cfg.data.eval_split`` in
+  ``<output_dir>/cache/topk-<eval_split>`` (generated when missing), used for the
+  validation CE / KL / perplexity before, during (if ``training.eval_strategy`` says so)
+  and after training;
+- ``TrainingArguments`` from ``cfg.training`` plus ``output_dir=<output_dir>/train/<run_name>``,
+  ``seed`` and ``remove_unused_columns=False``.
+
+The run directory holds ``stages.json``, ``log.jsonl``, the stage checkpoints, ``final/``
+(the trained student with the tokenizer) and ``metrics.json`` (see ``moedistill.stages``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+
+from moedistill.config import Config
+from moedistill.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+
+def _setup_logging() -> None:
+    """Show moedistill's INFO lines (parameter-group tables, stage banners) unless the app configured logging."""
+    root = logging.getLogger("moedistill")
+    if not root.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+
+
+def train_cache_dir(cfg: Config) -> Path:
+    return Path(cfg.cache.dir) if cfg.cache.dir else Path(cfg.output_dir) / "cache" / cfg.cache.mode
+
+
+def eval_cache_dir(cfg: Config) -> Path:
+    return Path(cfg.output_dir) / "cache" / f"topk-{cfg.data.eval_split}"
+
+
+def _eval_cache_config(cfg: Config) -> Config:
+    """The config whose cache is the eval split's top-k targets."""
+    c = copy.deepcopy(cfg)
+    c.cache.mode = "topk"
+    c.cache.dir = str(eval_cache_dir(cfg))
+    c.data.split = cfg.data.eval_split
+    c.data.max_sequences = cfg.data.eval_max_sequences
+    return c
+
+
+def _is_complete_cache(path: Path) -> bool:
+    try:
+        return bool(json.loads((path / "manifest.json").read_text()).get("complete"))
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def _open_or_generate(cfg: Config, path: Path, what: str):
+    from moedistill.cache import open_cache
+
+    if not _is_complete_cache(path):
+        from moedistill.cache.generate import generate_from_config
+
+        logger.info("no complete %s cache in %s: generating it from the teacher", what, path)
+        generate_from_config(cfg)
+        if not _is_complete_cache(path):
+            raise UserError(f"cache generation did not leave a complete cache in {path}; run `moedistill cache` to see why")
+    return open_cache(path)
+
+
+def _load_student(cfg: Config, student):
+    from moedistill.models import get_model
+
+    if student is not None:
+        return student, cfg.student.name or "<in-memory student>"
+    name = cfg.student.name
+    if name is None:
+        ckpt = Path(cfg.output_dir) / "compressed" / "checkpoint-0"
+        if not (ckpt / "config.json").is_file():
+            from moedistill.compression import compress_from_config
+
+            logger.info("no checkpoint-0 in %s: compressing the teacher first", ckpt)
+            ckpt = Path(compress_from_config(cfg))
+        name = str(ckpt)
+    model, _ = get_model(
+        name, dtype=cfg.student.dtype, trust_remote_code=cfg.student.trust_remote_code, with_tokenizer=False
+    )
+    return model, name
+
+
+def training_arguments(cfg: Config, run_dir: Path):
+    """``TrainingArguments`` from ``cfg.training`` with the keys moedistill owns filled in."""
+    from transformers import TrainingArguments
+
+    kwargs = dict(cfg.training)
+    kwargs.setdefault("per_device_eval_batch_size", cfg.eval.batch_size)
+    try:
+        return TrainingArguments(output_dir=str(run_dir), seed=cfg.seed, remove_unused_columns=False, **kwargs)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"config: training settings rejected by transformers: {str(e).splitlines()[0]}") from None
+
+
+def train_from_config(
+    cfg: Config,
+    resume: str | None = None,
+    *,
+    student=None,
+    cache_dir: str | None = None,
+    run_name: str = "topk",
+    loss_overrides: dict | None = None,
+) -> dict:
+    """Distill the student named by ``cfg`` through ``cfg.stages``.
+
+    Args:
+        cfg: a validated ``Config``.
+        resume: None (fresh run), ``"latest"`` or a checkpoint directory of this run.
+        student: an in-memory model to train instead of loading ``cfg.student``.
+        cache_dir: the training cache, overriding ``cfg.cache.dir`` / the default location.
+        run_name: the run directory is ``<output_dir>/train/<run_name>``.
+        loss_overrides: ``{"alpha"|"temperature"|"tail"|"chunk_size": value}``, applied over
+            ``cfg.loss`` and every stage (e.g. ``{"alpha": 0.0}`` for a CE-only baseline).
+    Returns:
+        ``{"run_dir", "final_dir", "student", "cache", "stages", "initial_eval",
+        "final_eval", "train_metrics", "log_history"}``; the same (minus the history) is
+        written to ``<run_dir>/metrics.json``.
+    """
+    from moedistill.models import load_tokenizer
+    from moedistill.stages import LOG_FILE, plan_stages, run_stages
+
+    _setup_logging()
+    run_dir = Path(cfg.output_dir) / "train" / run_name
+    args = training_arguments(cfg, run_dir)
+    model, student_name = _load_student(cfg, student)
+    tokenizer = load_tokenizer(cfg.teacher.name, cfg.teacher.trust_remote_code)
+    train_path = Path(cache_dir) if cache_dir else train_cache_dir(cfg)
+    if cache_dir and not _is_complete_cache(train_path):
+        raise UserError(f"cache_dir {cache_dir} holds no complete cache; run `moedistill cache` or fix the path")
+    train_ds = _open_or_generate(cfg, train_path, "training")
+    eval_ds = _open_or_generate(_eval_cache_config(cfg), eval_cache_dir(cfg), "eval")
+    stages = plan_stages(cfg, args, len(train_ds), loss_overrides)
+    logger.info(
+        "training %s on %s (%d sequences); %d stage(s), %d steps; run dir %s",
+        student_name, train_path, len(train_ds), len(stages), stages[-1].end_step, run_dir,
+    )
+    out = run_stages(
+        model, stages, args, run_dir, train_dataset=train_ds, eval_dataset=eval_ds, resume=resume,
+        processing_class=tokenizer,
+    )
+    log = run_dir / LOG_FILE
+    history = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.is_file() else []
+    # a resumed run finds its starting point in the log (the step-0 evaluation)
+    initial = out.get("initial_eval") or next(
+        ({k: v for k, v in e.items() if k.startswith("eval_")} for e in history if e["step"] == 0 and "eval_kl" in e),
+        None,
+    )
+    result = {
+        "run_dir": str(run_dir),
+        "final_dir": out["final_model"],
+        "student": student_name,
+        "cache": str(train_path),
+        "stages": out["stages"],
+        "initial_eval": initial,
+        "final_eval": out.get("final_eval"),
+        "train_metrics": out["train_metrics"],
+    }
+    if "stopped_at" in out:
+        result["stopped_at"] = out["stopped_at"]
+    (run_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    result["log_history"] = history
+    first, last = result["initial_eval"], result["final_eval"]
+    if first and last:
+        logger.info(
+            "validation: KL to the teacher %.4f -> %.4f, CE %.4f -> %.4f, perplexity %.2f -> %.2f",
+            first["eval_kl"], last["eval_kl"], first["eval_ce"], last["eval_ce"],
+            first["eval_perplexity"], last["eval_perplexity"],
+        )
+    return result

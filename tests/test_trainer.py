@@ -1,0 +1,337 @@
+"""DistillationTrainer and stages on tiny random Qwen3-MoE models (CPU, seconds).
+
+Targets are computed from a tiny random teacher directly (an in-memory dataset with the
+cache's item contract), so these tests do not depend on the cache or compression code.
+"""
+
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM, TrainerCallback, TrainingArguments
+
+from moedistill.config import Config, LossConfig, ParamGroupRule, ParamGroupsConfig, StageConfig
+from moedistill.data import shifted_labels
+from moedistill.errors import UserError
+from moedistill.stages import plan_stages, run_stages
+from moedistill.trainer import DistillationTrainer, collate
+
+VOCAB = 64
+
+
+def tiny_moe(seed: int, **overrides) -> Qwen3MoeForCausalLM:
+    torch.manual_seed(seed)
+    cfg = Qwen3MoeConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=32, tie_word_embeddings=True, **overrides,
+    )
+    return Qwen3MoeForCausalLM(cfg).eval()
+
+
+class Items(torch.utils.data.Dataset):
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def make_items(teacher, n=8, seq_len=12, k=8, seed=1, targets=True):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (n, seq_len), generator=g)
+    labels = shifted_labels(ids)
+    labels[0, : seq_len // 2] = -100  # uneven masks: micro-batches hold different target counts
+    labels[3, 2:5] = -100
+    with torch.no_grad():
+        logprobs = torch.log_softmax(teacher(input_ids=ids).logits.float(), -1)
+    top = logprobs.topk(k, -1)
+    items = []
+    for i in range(n):
+        item = {"input_ids": ids[i], "labels": labels[i]}
+        if targets:
+            item |= {"target_ids": top.indices[i], "target_logprobs": top.values[i]}
+        items.append(item)
+    return Items(items)
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return tiny_moe(0)
+
+
+@pytest.fixture(scope="module")
+def data(teacher):
+    return make_items(teacher)
+
+
+def targs(tmp_path, **kw):
+    base = dict(
+        output_dir=str(tmp_path / "out"), use_cpu=True, report_to=[], per_device_train_batch_size=4,
+        learning_rate=1e-2, logging_steps=1, save_strategy="no", disable_tqdm=True, max_grad_norm=0.0,
+    )
+    return TrainingArguments(**(base | kw))
+
+
+def params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+# --------------------------------------------------------------------------- trainer pieces
+
+
+def test_collate_stacks_and_pads_sampled_targets():
+    a = {"input_ids": torch.arange(3), "target_ids": torch.tensor([[1, 2], [3, -1], [4, 5]]),
+         "target_logprobs": torch.zeros(3, 2), "target_counts": torch.ones(3, 2), "note": "x"}
+    b = {"input_ids": torch.arange(3), "target_ids": torch.tensor([[1, 2, 3]] * 3),
+         "target_logprobs": torch.zeros(3, 3), "target_counts": torch.ones(3, 3), "note": "y"}
+    batch = collate([a, b])
+    assert "note" not in batch and batch["input_ids"].shape == (2, 3)
+    assert batch["target_ids"].shape == (2, 3, 3) and (batch["target_ids"][0, :, 2] == -1).all()
+    assert torch.isneginf(batch["target_logprobs"][0, :, 2]).all()
+    assert (batch["target_counts"][0, :, 2] == 0).all()
+
+
+def test_num_items_counts_every_shifted_label(tmp_path, data):
+    trainer = DistillationTrainer(tiny_moe(1), targs(tmp_path), train_dataset=data)
+    assert trainer.args.remove_unused_columns is False
+    batches = [collate([data[i] for i in range(4)]), collate([data[i] for i in range(4, 8)])]
+    got, n = trainer.get_batch_samples(iter(batches), 2, torch.device("cpu"))
+    expected = sum(int(b["labels"].ne(-100).sum()) for b in batches)  # position 0 included
+    assert len(got) == 2 and int(n) == expected
+
+
+class GradTap(TrainerCallback):
+    """Records every parameter's gradient just before the optimizer step."""
+
+    def __init__(self):
+        self.grads = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+        self.grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, data):
+    taps, losses = [], []
+    for bs, ga in ((8, 1), (4, 2)):  # 2 micro-batches of 4 with uneven masks vs one batch of 8
+        tap = GradTap()
+        trainer = DistillationTrainer(
+            tiny_moe(1), targs(tmp_path, per_device_train_batch_size=bs, gradient_accumulation_steps=ga, max_steps=1),
+            train_dataset=data, callbacks=[tap], loss=LossConfig(alpha=0.5, temperature=2.0),
+        )
+        trainer.train()
+        taps.append(tap.grads[0])
+        losses.append([trainer.state.log_history[0][k] for k in ("loss", "ce_loss", "kl_loss")])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert taps[1].keys() == taps[0].keys()
+    for name in taps[0]:
+        torch.testing.assert_close(taps[1][name], taps[0][name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_training_freezes_scales_lr_and_logs_parts(tmp_path, data):
+    student = tiny_moe(1)
+    before = params(student)
+    rules = ParamGroupsConfig(
+        default_lr_multiplier=1.0,
+        rules=[ParamGroupRule(r"embed_tokens", 0.0), ParamGroupRule(r"norm", 0.5), ParamGroupRule(r"experts", 2.0)],
+    )
+    loss = LossConfig(alpha=0.3, temperature=2.0)
+    trainer = DistillationTrainer(
+        student, targs(tmp_path, max_steps=3, warmup_steps=0, weight_decay=0.1), train_dataset=data,
+        eval_dataset=data, loss=loss, param_groups=rules,
+    )
+    trainer.train()
+    after = params(student)
+    assert torch.equal(after["model.embed_tokens.weight"], before["model.embed_tokens.weight"])  # frozen: bit-identical
+    assert not torch.equal(after["model.layers.0.mlp.experts.gate_up_proj"], before["model.layers.0.mlp.experts.gate_up_proj"])
+    groups = trainer.optimizer.param_groups
+    in_opt = {id(p) for g in groups for p in g["params"]}
+    assert id(student.model.embed_tokens.weight) not in in_opt
+    assert {g["name"] for g in groups} == {"norm (1-D, no decay)", "experts", "(default)"}  # Qwen3 has no biases
+    for g in groups:  # per-group lr = base x multiplier (the scheduler scales them all alike)
+        assert g["initial_lr"] == pytest.approx(1e-2 * g["lr_multiplier"])
+        assert g["lr"] == pytest.approx(groups[0]["lr"] / groups[0]["lr_multiplier"] * g["lr_multiplier"])
+        assert g["weight_decay"] == (0.0 if "1-D" in g["name"] else 0.1)
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert len(logs) == 3
+    assert logs[0]["learning_rate"] == pytest.approx(1e-2)  # the base lr, whatever the first group's multiplier
+    for e in logs:
+        assert e["loss"] == pytest.approx((1 - loss.alpha) * e["ce_loss"] + loss.alpha * 4.0 * e["kl_loss"], rel=1e-5)
+    metrics = trainer.evaluate()
+    assert {"eval_loss", "eval_ce", "eval_kl", "eval_perplexity"} <= metrics.keys()
+    assert metrics["eval_perplexity"] == pytest.approx(torch.tensor(metrics["eval_ce"]).exp().item(), rel=1e-6)
+    assert metrics["eval_tokens"] == sum(int(data[i]["labels"].ne(-100).sum()) for i in range(len(data)))
+
+
+def test_router_aux_loss_is_added_and_logged(tmp_path, data):
+    student = tiny_moe(1, output_router_logits=True, router_aux_loss_coef=0.5)
+    loss = LossConfig(alpha=0.5, temperature=1.0)
+    trainer = DistillationTrainer(student, targs(tmp_path, max_steps=2), train_dataset=data, loss=loss)
+    trainer.train()
+    for e in [e for e in trainer.state.log_history if "loss" in e]:
+        assert e["router_aux_loss"] > 0
+        assert e["loss"] == pytest.approx(0.5 * e["ce_loss"] + 0.5 * e["kl_loss"] + e["router_aux_loss"], rel=1e-5)
+
+
+def test_nonfinite_loss_stops_naming_the_step(tmp_path, data):
+    class Poison(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kw):
+            with torch.no_grad():
+                model.model.norm.weight.fill_(float("nan"))
+
+    trainer = DistillationTrainer(tiny_moe(1), targs(tmp_path, max_steps=3), train_dataset=data, callbacks=[Poison()])
+    with pytest.raises(UserError, match=r"loss is nan at step 2"):
+        trainer.train()
+
+
+def _reference_kl(teacher, student, data):
+    """KL(teacher || student) at T=1 over counted positions, dense float64."""
+    batch = collate([data[i] for i in range(len(data))])
+    with torch.no_grad():
+        t = torch.log_softmax(teacher(input_ids=batch["input_ids"]).logits.double(), -1)
+        s = torch.log_softmax(student(input_ids=batch["input_ids"]).logits.double(), -1)
+    kl = (t.exp() * (t - s)).sum(-1)
+    mask = batch["labels"].ne(-100)
+    return (kl[mask].sum() / mask.sum()).item()
+
+
+def test_eval_kl_online_and_offline_full_vocab_match_dense_reference(tmp_path, teacher):
+    student = tiny_moe(1)
+    full = make_items(teacher, k=VOCAB)  # k = V: the stored targets are the whole distribution
+    ref = _reference_kl(teacher, student, full)
+    offline = DistillationTrainer(student, targs(tmp_path), eval_dataset=full).evaluate()
+    plain = make_items(teacher, targets=False)
+    online = DistillationTrainer(student, targs(tmp_path), teacher=teacher, eval_dataset=plain).evaluate()
+    assert offline["eval_kl"] == pytest.approx(ref, rel=1e-4)
+    assert online["eval_kl"] == pytest.approx(ref, rel=1e-4)
+    assert online["eval_ce"] == pytest.approx(offline["eval_ce"], rel=1e-6)
+
+
+def test_online_teacher_trains_without_a_cache(tmp_path, teacher):
+    student = tiny_moe(1)
+    plain = make_items(teacher, targets=False)
+    trainer = DistillationTrainer(student, targs(tmp_path, max_steps=2), teacher=teacher, train_dataset=plain)
+    trainer.train()
+    assert all("kl_loss" in e for e in trainer.state.log_history if "loss" in e)
+    with pytest.raises(UserError, match="no teacher targets"):
+        DistillationTrainer(tiny_moe(1), targs(tmp_path, max_steps=1), train_dataset=plain).train()
+
+
+# --------------------------------------------------------------------------- stages
+
+
+class Kill(Exception):
+    pass
+
+
+class KillAfterSave(TrainerCallback):
+    def __init__(self, stage_dir: str, step: int):
+        self.stage_dir, self.step = stage_dir, step
+
+    def on_save(self, args, state, control, **kw):
+        if args.output_dir.endswith(self.stage_dir) and state.global_step == self.step:
+            raise Kill()
+
+
+class StageTap(TrainerCallback):
+    """Snapshots the optimizer's groups at each stage's start and the weights at its end."""
+
+    def __init__(self):
+        self.groups, self.weights, self.state_params = [], [], []
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kw):
+        self.groups.append([(g["name"], {id(p) for p in g["params"]}) for g in optimizer.param_groups])
+
+    def on_train_end(self, args, state, control, model=None, optimizer=None, **kw):
+        self.weights.append(params(model))
+        self.state_params.append({id(p) for p in optimizer.state})
+
+
+def _two_stage_config():
+    stage1 = ParamGroupsConfig(default_lr_multiplier=0.0, rules=[ParamGroupRule(r"mlp\.experts", 1.0)])
+    return Config(
+        stages=[
+            StageConfig(name="experts", max_steps=4, param_groups=stage1, alpha=1.0),
+            StageConfig(name="full", max_steps=4, learning_rate=5e-3),
+        ],
+        param_groups=ParamGroupsConfig(rules=[ParamGroupRule(r"embed_tokens", 0.1)]),
+    )
+
+
+def _run(data, run_dir, tmp_path, resume=None, callbacks=()):
+    cfg = _two_stage_config()
+    args = targs(tmp_path, save_strategy="steps", save_steps=2, warmup_steps=1)
+    student = tiny_moe(1)
+    stages = plan_stages(cfg, args, len(data))
+    out = run_stages(student, stages, args, run_dir, train_dataset=data, resume=resume, callbacks=list(callbacks))
+    return student, out
+
+
+def test_plan_stages_lengths_and_overrides(tmp_path):
+    args = targs(tmp_path, per_device_train_batch_size=4, max_steps=7)
+    cfg = Config(stages=[StageConfig(name="a", num_train_epochs=1.5, alpha=0.7, temperature=1.0),
+                         StageConfig(name="b", max_steps=3, learning_rate=1e-4)])
+    a, b = plan_stages(cfg, args, num_examples=10)  # 3 steps per epoch
+    assert (a.start_step, a.end_step, b.start_step, b.end_step) == (0, 5, 5, 8)
+    assert (a.loss.alpha, a.loss.temperature, b.loss.alpha, b.loss.temperature) == (0.7, 1.0, 0.5, 2.0)
+    assert (a.learning_rate, b.learning_rate) == (1e-2, 1e-4)
+    a, b = plan_stages(cfg, args, num_examples=10, loss_overrides={"alpha": 0.0})  # e.g. the CE baseline
+    assert a.loss.alpha == b.loss.alpha == 0.0
+    (only,) = plan_stages(Config(), args, num_examples=10)  # no stages: one from training.max_steps
+    assert (only.name, only.max_steps, only.param_groups_key) == ("train", 7, "param_groups")
+    with pytest.raises(UserError, match="no checkpoint to resume"):
+        run_stages(tiny_moe(1), [only], args, tmp_path / "empty", train_dataset=Items([]), resume="latest")
+
+
+def test_two_stages_switch_groups_at_the_boundary(tmp_path, data):
+    tap = StageTap()
+    start = params(tiny_moe(1))
+    student, out = _run(data, tmp_path / "run", tmp_path, callbacks=[tap])
+    run = tmp_path / "run"
+    plan = json.loads((run / "stages.json").read_text())["stages"]
+    assert [(s["name"], s["start_step"], s["end_step"], s["done"]) for s in plan] == [
+        ("experts", 0, 4, True), ("full", 4, 8, True)]
+    assert plan[0]["alpha"] == 1.0 and plan[1]["alpha"] == 0.5 and plan[1]["learning_rate"] == 5e-3
+    log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    train_logs = [e for e in log if "loss" in e]
+    assert [(e["step"], e["stage"]) for e in train_logs] == [(s, 0 if s <= 4 else 1) for s in range(1, 9)]
+    assert all("ce_loss" in e and "kl_loss" in e for e in train_logs)
+    # checkpoints at each stage's end, marked with their stage
+    for d, step in (("01-experts/checkpoint-4", 4), ("02-full/checkpoint-4", 8)):
+        assert json.loads((run / d / "stage.json").read_text())["global_step"] == step
+    assert (run / "final" / "model.safetensors").is_file() and out["final_model"] == str(run / "final")
+    # optimizer: stage 1 holds only the experts, stage 2 everything (embeddings at 0.1x)
+    names = {id(p): n for n, p in student.named_parameters()}
+    (g1,), g2 = tap.groups
+    assert g1[0] == "mlp\\.experts" and {names[i] for i in g1[1]} == {n for n in names.values() if "mlp.experts" in n}
+    assert sum(len(ids) for _, ids in g2) == len(names)
+    assert {names[i] for i in tap.state_params[0]} == {names[i] for i in g1[1]}  # no state for frozen params
+    # frozen in stage 1: bit-identical through it, trained in stage 2
+    w1, w2 = tap.weights
+    for n in start:
+        assert torch.equal(w1[n], start[n]) == ("mlp.experts" not in n), n
+        assert not torch.equal(w2[n], w1[n]), n
+
+
+def test_resume_from_any_checkpoint_gives_identical_weights(tmp_path, data):
+    reference, _ = _run(data, tmp_path / "a", tmp_path)
+    ref = params(reference)
+    # killed right after the mid-stage checkpoint of stage 1, then resumed from the latest
+    with pytest.raises(Kill):
+        _run(data, tmp_path / "b", tmp_path, callbacks=[KillAfterSave("01-experts", 2)])
+    resumed, out = _run(data, tmp_path / "b", tmp_path, resume="latest")
+    assert out["final_model"]
+    for n, p in params(resumed).items():
+        assert torch.equal(p, ref[n]), n
+    steps = [e["step"] for e in map(json.loads, (tmp_path / "b" / "log.jsonl").read_text().splitlines()) if "loss" in e]
+    assert steps == list(range(1, 9))  # no duplicated entries from the interrupted run
+    # from a mid-stage checkpoint of stage 2 (stage 1 skipped) of a copy of the finished run
+    shutil.copytree(tmp_path / "a", tmp_path / "c")
+    resumed, _ = _run(data, tmp_path / "c", tmp_path, resume=str(tmp_path / "c" / "02-full" / "checkpoint-2"))
+    for n, p in params(resumed).items():
+        assert torch.equal(p, ref[n]), n
