@@ -28,6 +28,7 @@ from moedistill.compression.init import (
 )
 from moedistill.compression.modeling_moedistill import find_moe_blocks
 from moedistill.compression.report import VARIANTS, comparison, evaluate, parameter_counts, reconstruction_errors, write_report
+from moedistill.errors import UserError
 
 REPORT_SEQUENCES = 32  # validation blocks for the report's perplexities: a few dozen keep a rank sweep fast
 SETTINGS_VERSION = 1  # bump when the initialisation changes so old checkpoint-0s are not reused
@@ -51,7 +52,10 @@ def _teacher_identity(cfg) -> dict:
         return {"path": str(path.resolve()), "files": files}
     from transformers import AutoConfig
 
-    c = AutoConfig.from_pretrained(cfg.teacher.name, trust_remote_code=cfg.teacher.trust_remote_code)
+    try:
+        c = AutoConfig.from_pretrained(cfg.teacher.name, trust_remote_code=cfg.teacher.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load teacher {cfg.teacher.name!r}: {str(e).splitlines()[0]}; check teacher.name") from None
     return {"hub": cfg.teacher.name, "revision": getattr(c, "_commit_hash", None)}
 
 
@@ -117,6 +121,16 @@ def compress_from_config(cfg) -> Path:
         return ckpt
 
     c, d = cfg.compress, cfg.data
+    from transformers import AutoConfig
+
+    from moedistill.models import resolve
+
+    try:  # a bad rank or architecture stops here, before a large teacher loads
+        teacher_config = AutoConfig.from_pretrained(resolve(cfg.teacher.name), trust_remote_code=cfg.teacher.trust_remote_code)
+    except (OSError, ValueError):
+        teacher_config = None  # get_model below says what is wrong
+    if teacher_config is not None:
+        resolve_rank(teacher_config, c.rank, c.compression_ratio)
     teacher, tokenizer = get_model(
         cfg.teacher.name, dtype=cfg.teacher.dtype, device_map=cfg.teacher.device_map, trust_remote_code=cfg.teacher.trust_remote_code
     )
@@ -184,11 +198,13 @@ def compress_from_config(cfg) -> Path:
             base = compression_record(teacher, r, core=core, svd=svd, stats=stats, damping=DEFAULT_DAMPING)
             st = build_student(teacher, factors[(core, svd)], r, base)
             m = evaluate(st, eval_blocks, teacher=teacher, batch_size=bs, desc=f"{core}+{svd} r={r}")
-            errs = reconstruction_errors(teacher, st)
+            errs = reconstruction_errors(teacher, st, stats)
+            on_inputs = [e[k] for e in errs for k in e if k.endswith("_on_inputs")]
             report["sweep"].append({
                 "rank": r, "core": core, "svd": svd,
                 "expert_compression_ratio": expert_ratio(r, ex.num_experts, ex.hidden_dim, ex.intermediate_dim),
                 "weight_error": sum(e["mean"] for e in errs) / len(errs),
+                "input_error": sum(on_inputs) / len(on_inputs) if on_inputs else None,
                 **m,
             })
             del st

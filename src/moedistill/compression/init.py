@@ -52,13 +52,30 @@ def teacher_expert_weights(experts: nn.Module) -> dict[str, torch.Tensor]:
     return {"gate": gate_up[:, :I], "up": gate_up[:, I:], "down": experts.down_proj}
 
 
-def full_rank(model: nn.Module) -> int:
+def expert_dims(model_or_config) -> tuple[int, int, int]:
+    """``(experts E, hidden H, expert intermediate I)`` of a teacher model, or of its config alone
+    (so a bad rank is caught before a large teacher loads)."""
+    if isinstance(model_or_config, nn.Module):
+        blocks = find_moe_blocks(model_or_config)
+        if not blocks:
+            raise UserError(
+                f"{type(model_or_config).__name__} has no MoE layers with stacked experts; "
+                f"compress needs a Qwen3-MoE or Mixtral model"
+            )
+        ex = blocks[0][1].experts
+        return ex.num_experts, ex.hidden_dim, ex.intermediate_dim
+    c = model_or_config
+    if c.model_type == "qwen3_moe":
+        return c.num_experts, c.hidden_size, c.moe_intermediate_size
+    if c.model_type == "mixtral":
+        return c.num_local_experts, c.hidden_size, c.intermediate_size
+    raise UserError(f"cannot compress a {c.model_type!r} model; supported: {', '.join(ARCHITECTURES)}")
+
+
+def full_rank(model_or_config) -> int:
     """The rank at which every wrapper is exact: min(hidden, intermediate) of the experts."""
-    blocks = find_moe_blocks(model)
-    if not blocks:
-        raise UserError(f"{type(model).__name__} has no MoE layers with stacked experts; compress needs a Qwen3-MoE or Mixtral model")
-    ex = blocks[0][1].experts
-    return min(ex.hidden_dim, ex.intermediate_dim)
+    _, H, I = expert_dims(model_or_config)
+    return min(H, I)
 
 
 def rank_for_ratio(ratio: float, num_experts: int, hidden: int, intermediate: int) -> int:
@@ -82,16 +99,18 @@ def expert_ratio(rank: int, num_experts: int, hidden: int, intermediate: int) ->
     return 1.0 / num_experts + rank * (hidden + intermediate) / (intermediate * hidden)
 
 
-def resolve_rank(model: nn.Module, rank: int | None, compression_ratio: float | None) -> int:
+def resolve_rank(model_or_config, rank: int | None, compression_ratio: float | None) -> int:
     """Rank from exactly one of ``rank`` / ``compression_ratio``; UserError otherwise."""
     if (rank is None) == (compression_ratio is None):
         raise UserError("give exactly one of compress.rank or compress.compression_ratio (set the other to null)")
-    full = full_rank(model)
-    ex = find_moe_blocks(model)[0][1].experts
+    E, H, I = expert_dims(model_or_config)
     if rank is None:
-        return rank_for_ratio(compression_ratio, ex.num_experts, ex.hidden_dim, ex.intermediate_dim)
-    if rank < 0 or rank > full:
-        raise UserError(f"compress.rank={rank} is outside [0, {full}] (full rank = min(hidden, expert intermediate)); pick a rank in range")
+        return rank_for_ratio(compression_ratio, E, H, I)
+    if rank < 0 or rank > min(H, I):
+        raise UserError(
+            f"compress.rank={rank} is outside [0, {min(H, I)}] (full rank = min(hidden, expert intermediate)); "
+            f"pick a rank in range"
+        )
     return int(rank)
 
 
@@ -354,9 +373,10 @@ def _check_method(core: str, svd: str, stats: CalibrationStats | None):
 
 def _architecture(teacher: nn.Module):
     model_type = getattr(teacher.config, "model_type", None)
-    for key, classes in ARCHITECTURES.items():
-        if model_type in (key, classes[0].model_type):
-            return key, classes
+    if model_type in ARCHITECTURES:
+        return model_type, ARCHITECTURES[model_type]
+    if any(model_type == classes[0].model_type for classes in ARCHITECTURES.values()):
+        raise UserError(f"this model is already compressed ({model_type}); compress the original teacher instead")
     raise UserError(
         f"cannot compress a {model_type!r} model; supported: {', '.join(ARCHITECTURES)} (transformers 5 stacked experts)"
     )

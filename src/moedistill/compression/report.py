@@ -114,11 +114,17 @@ def markdown(report: dict) -> str:
             cells = [f"{at[v]['perplexity']:.3f}" if v in at else "-" for v in VARIANTS]
             best = min(at.values(), key=lambda row: row["perplexity"])
             lines.append(f"| {r} | {ratio:.3f} | " + " | ".join(cells) + f" | {best['core']}+{best['svd']} |")
-        lines += ["", "KL(teacher || checkpoint) in nats/token, same layout:", ""]
-        lines += ["| rank | " + " | ".join(f"{c}+{s}" for c, s in VARIANTS) + " |", "|---:|" + "---:|" * len(VARIANTS)]
-        for r in sorted({row["rank"] for row in report["sweep"]}):
-            at = {(row["core"], row["svd"]): row for row in report["sweep"] if row["rank"] == r}
-            lines.append(f"| {r} | " + " | ".join(f"{at[v]['kl']:.4f}" if v in at and "kl" in at[v] else "-" for v in VARIANTS) + " |")
+        for key, title, fmt in [
+            ("kl", "KL(teacher || checkpoint), nats/token", "{:.4f}"),
+            ("weight_error", "relative weight error, mean over layers and projections", "{:.4f}"),
+            ("input_error", "relative error on the routed calibration inputs, mean over layers and projections", "{:.4f}"),
+        ]:
+            lines += ["", f"{title}:", ""]
+            lines += ["| rank | " + " | ".join(f"{c}+{s}" for c, s in VARIANTS) + " |", "|---:|" + "---:|" * len(VARIANTS)]
+            for r in sorted({row["rank"] for row in report["sweep"]}):
+                at = {(row["core"], row["svd"]): row for row in report["sweep"] if row["rank"] == r}
+                cells = [fmt.format(at[v][key]) if v in at and at[v].get(key) is not None else "-" for v in VARIANTS]
+                lines.append(f"| {r} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += [
         "## Relative reconstruction error of the expert weights (checkpoint-0)",
@@ -133,39 +139,49 @@ def markdown(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
-    """PNG: perplexity vs expert compression ratio per variant; per-layer reconstruction error."""
+    """PNG: perplexity and KL vs expert compression ratio per variant; per-layer reconstruction error."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(17, 4.8))
     teacher_ppl = report["teacher_eval"]["perplexity"]
-    for core, svd in VARIANTS:
-        rows = sorted((r for r in report.get("sweep", []) if r["core"] == core and r["svd"] == svd), key=lambda r: r["rank"])
-        if rows:
-            ax1.plot([r["expert_compression_ratio"] for r in rows], [r["perplexity"] for r in rows], "o-", label=f"{core}+{svd}")
     c0 = report["checkpoint_0"]
-    ax1.plot([report["parameters"]["expert_compression_ratio"]], [c0["perplexity"]], "k*", ms=14, label="checkpoint-0")
+    c0_ratio = report["parameters"]["expert_compression_ratio"]
+    for ax, key, label in ((ax1, "perplexity", "validation perplexity"), (ax2, "kl", "KL(teacher || student), nats/token")):
+        for core, svd in VARIANTS:
+            rows = sorted((r for r in report.get("sweep", []) if r["core"] == core and r["svd"] == svd), key=lambda r: r["rank"])
+            rows = [r for r in rows if r["rank"] > 0 and r.get(key) is not None and r[key] > 1e-9]  # log axis: no exact (full-rank) zeros
+            if rows:
+                ax.plot([r["expert_compression_ratio"] for r in rows], [r[key] for r in rows], "o-", label=f"{core}+{svd}")
+        if c0.get(key) is not None:
+            ax.plot([c0_ratio], [c0[key]], "k*", ms=14, label="checkpoint-0")
+        ax.set_xscale("log")
+        ax.set_xlabel("expert parameters, student / teacher")
+        ax.set_ylabel(label)
     ax1.axhline(teacher_ppl, color="gray", ls="--", label=f"teacher {teacher_ppl:.2f}")
-    ax1.set_xscale("log")
     ax1.set_yscale("log")
-    ax1.set_xlabel("expert parameters, student / teacher")
-    ax1.set_ylabel("validation perplexity")
     ax1.set_title("zero-shot perplexity vs compression")
     ax1.legend(fontsize=8)
+    ax2.set_yscale("log")
+    ax2.set_title("zero-shot KL to the teacher vs compression")
     errs = report["reconstruction_error"]
     xs = range(len(errs))
     width = 0.25
     for j, p in enumerate(PROJECTIONS):
-        ax2.bar([x + (j - 1) * width for x in xs], [r[p] for r in errs], width, label=p)
-    ax2.set_xticks(list(xs))
-    ax2.set_xticklabels([r["layer"].replace("model.layers.", "L").replace(".mlp", "") for r in errs])
-    ax2.set_ylabel("relative Frobenius error")
-    ax2.set_title(f"checkpoint-0 expert weights (rank {c0['rank']}, {c0['core']}+{c0['svd']})")
-    ax2.legend(fontsize=8)
+        pos = [x + (j - 1) * width for x in xs]
+        ax3.bar(pos, [r[p] for r in errs], width, label=f"{p} (weights)")
+        if f"{p}_on_inputs" in errs[0]:
+            ax3.plot(pos, [r[f"{p}_on_inputs"] for r in errs], "kx", label="on routed inputs" if j == 0 else None)
+    ax3.set_xticks(list(xs))
+    ax3.set_xticklabels([r["layer"].replace("model.layers.", "L").replace(".mlp", "") for r in errs])
+    ax3.set_ylabel("relative error")
+    ax3.set_ylim(0, 1.35 * max(max(r[p] for p in PROJECTIONS) for r in errs) + 1e-9)
+    ax3.set_title(f"checkpoint-0 experts (rank {c0['rank']}, {c0['core']}+{c0['svd']})")
+    ax3.legend(fontsize=8, ncol=2, loc="upper center")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
