@@ -335,3 +335,49 @@ def test_resume_from_any_checkpoint_gives_identical_weights(tmp_path, data):
     resumed, _ = _run(data, tmp_path / "c", tmp_path, resume=str(tmp_path / "c" / "02-full" / "checkpoint-2"))
     for n, p in params(resumed).items():
         assert torch.equal(p, ref[n]), n
+
+
+# --------------------------------------------------------------------------- train_from_config
+
+
+def test_train_from_config_end_to_end(tmp_path):
+    """Caches generated on demand, the seed's two stages on a compressed student, KL goes down."""
+    from moedistill.compression import compress_model
+    from moedistill.config import load_config
+    from moedistill.models import TINY_TEACHER, load_tokenizer
+    from moedistill.train import train_from_config
+
+    tok = load_tokenizer("tiny")
+    teacher_dir = tmp_path / "teacher"
+    torch.manual_seed(0)
+    cfg_t = Qwen3MoeConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=64, tie_word_embeddings=True, eos_token_id=tok.eos_token_id,
+        initializer_range=0.5,  # a peaked teacher, so its compressed student is measurably off
+    )
+    teacher = Qwen3MoeForCausalLM(cfg_t)
+    teacher.save_pretrained(teacher_dir)
+    for f in TINY_TEACHER.glob("tokenizer*"):
+        shutil.copy(f, teacher_dir / f.name)
+    cfg = load_config("tiny", [
+        f"output_dir={tmp_path / 'out'}", f"teacher.name={teacher_dir}", "data.seq_len=16", "data.max_sequences=16",
+        "data.eval_max_sequences=8", "cache.top_k=8", "cache.batch_size=8", "stages.0.max_steps=3",
+        "stages.1.max_steps=3", "training.per_device_train_batch_size=4", "training.logging_steps=1",
+        "training.save_steps=2", "training.report_to=[]", "training.warmup_steps=0", "training.learning_rate=1e-2",
+    ])
+    student = compress_model(teacher.eval(), rank=1)
+    out = train_from_config(cfg, student=student)
+    run = tmp_path / "out" / "train" / "topk"
+    assert out["run_dir"] == str(run) and (run / "final" / "config.json").is_file()
+    assert (tmp_path / "out" / "cache" / "topk" / "manifest.json").is_file()
+    assert (tmp_path / "out" / "cache" / "topk-validation" / "manifest.json").is_file()
+    assert out["final_eval"]["eval_kl"] < out["initial_eval"]["eval_kl"]
+    assert [s["name"] for s in out["stages"]] == ["wrappers", "full"]
+    train_logs = [e for e in out["log_history"] if "loss" in e]
+    assert [e["stage"] for e in train_logs] == [0, 0, 0, 1, 1, 1] and all("kl_loss" in e for e in train_logs)
+    assert json.loads((run / "metrics.json").read_text())["final_dir"] == str(run / "final")
+    # resuming the finished run from its mid-stage-2 checkpoint ends where it ended
+    again = train_from_config(cfg, resume=str(run / "02-full" / "checkpoint-2"), student=compress_model(teacher, rank=1))
+    assert again["initial_eval"] == pytest.approx(out["initial_eval"])
+    assert again["final_eval"]["eval_kl"] == pytest.approx(out["final_eval"]["eval_kl"], rel=1e-6)

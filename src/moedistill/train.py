@@ -5,10 +5,11 @@
 
 - the student: ``cfg.student.name``, or ``<output_dir>/compressed/checkpoint-0`` (built
   with ``moedistill.compression.compress_from_config`` when missing);
-- the training cache: ``cfg.cache.dir`` or ``<output_dir>/cache/<mode>`` (generated with
-  ``moedistill.cache.generate.generate_from_config`` when missing);
+- the training cache: ``cfg.cache.dir`` or ``<output_dir>/cache/<mode>``, generated with
+  ``moedistill.cache.generate.generate_from_config`` unless a complete cache of exactly
+  this teacher, data and settings is there;
 - the eval cache: top-k targets of ``cfg.data.eval_split`` in
-  ``<output_dir>/cache/topk-<eval_split>`` (generated when missing), used for the
+  ``<output_dir>/cache/topk-<eval_split>`` (generated likewise), used for the
   validation CE / KL / perplexity before, during (if ``training.eval_strategy`` says so)
   and after training;
 - ``TrainingArguments`` from ``cfg.training`` plus ``output_dir=<output_dir>/train/<run_name>``,
@@ -41,42 +42,26 @@ def _setup_logging() -> None:
         root.setLevel(logging.INFO)
 
 
-def train_cache_dir(cfg: Config) -> Path:
-    return Path(cfg.cache.dir) if cfg.cache.dir else Path(cfg.output_dir) / "cache" / cfg.cache.mode
-
-
-def eval_cache_dir(cfg: Config) -> Path:
-    return Path(cfg.output_dir) / "cache" / f"topk-{cfg.data.eval_split}"
-
-
 def _eval_cache_config(cfg: Config) -> Config:
-    """The config whose cache is the eval split's top-k targets."""
+    """The config whose eval-split cache holds top-k targets under ``<output_dir>/cache``.
+
+    Top-k whatever the training cache: students trained on top-k and on sampled targets
+    are then measured against the same eval targets."""
     c = copy.deepcopy(cfg)
     c.cache.mode = "topk"
-    c.cache.dir = str(eval_cache_dir(cfg))
-    c.data.split = cfg.data.eval_split
-    c.data.max_sequences = cfg.data.eval_max_sequences
+    c.cache.dir = None
     return c
 
 
-def _is_complete_cache(path: Path) -> bool:
-    try:
-        return bool(json.loads((path / "manifest.json").read_text()).get("complete"))
-    except (OSError, json.JSONDecodeError):
-        return False
-
-
-def _open_or_generate(cfg: Config, path: Path, what: str):
+def _cache(cfg: Config, split: str | None, what: str):
+    """Generate (or reuse, when complete and identical) the cache of ``split`` and open it."""
     from moedistill.cache import open_cache
+    from moedistill.cache.generate import generate_from_config
 
-    if not _is_complete_cache(path):
-        from moedistill.cache.generate import generate_from_config
-
-        logger.info("no complete %s cache in %s: generating it from the teacher", what, path)
-        generate_from_config(cfg)
-        if not _is_complete_cache(path):
-            raise UserError(f"cache generation did not leave a complete cache in {path}; run `moedistill cache` to see why")
-    return open_cache(path)
+    path = Path(generate_from_config(cfg, split=split))
+    logger.info("%s cache: %s", what, path)
+    expect = {"teacher": cfg.teacher.name, "seq_len": cfg.data.seq_len, "mode": cfg.cache.mode}
+    return open_cache(path, expect=expect), path
 
 
 def _load_student(cfg: Config, student):
@@ -143,11 +128,14 @@ def train_from_config(
     args = training_arguments(cfg, run_dir)
     model, student_name = _load_student(cfg, student)
     tokenizer = load_tokenizer(cfg.teacher.name, cfg.teacher.trust_remote_code)
-    train_path = Path(cache_dir) if cache_dir else train_cache_dir(cfg)
-    if cache_dir and not _is_complete_cache(train_path):
-        raise UserError(f"cache_dir {cache_dir} holds no complete cache; run `moedistill cache` or fix the path")
-    train_ds = _open_or_generate(cfg, train_path, "training")
-    eval_ds = _open_or_generate(_eval_cache_config(cfg), eval_cache_dir(cfg), "eval")
+    if cache_dir:  # a given cache is used as it is (open_cache still checks teacher and seq_len)
+        from moedistill.cache import open_cache
+
+        train_path = Path(cache_dir)
+        train_ds = open_cache(train_path, expect={"teacher": cfg.teacher.name, "seq_len": cfg.data.seq_len})
+    else:
+        train_ds, train_path = _cache(cfg, None, "training")
+    eval_ds, _ = _cache(_eval_cache_config(cfg), cfg.data.eval_split, "eval")
     stages = plan_stages(cfg, args, len(train_ds), loss_overrides)
     logger.info(
         "training %s on %s (%d sequences); %d stage(s), %d steps; run dir %s",
