@@ -1,0 +1,315 @@
+"""Teacher cache: encoding, generation against torch references, reader, errors.
+
+Every check compares with an independent reference: ``torch.topk`` / ``log_softmax`` of the
+teacher's own logits, the teacher's softmax for the sampled estimate, plain numpy for the
+decode example of docs/CACHE_FORMAT.md.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from moedistill.cache import encode, generate_cache, inspect_cache, open_cache, to_dense
+from moedistill.cache import format as fmt
+from moedistill.cache.generate import batch_targets
+from moedistill.data import prepare
+from moedistill.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+SEQ_LEN, N_SEQ, BATCH, K, N_DRAWS = 32, 6, 4, 16, 24
+
+
+@pytest.fixture(scope="module")
+def packed(tiny):
+    return prepare(tiny[1], "tiny", seq_len=SEQ_LEN, max_samples=20, max_sequences=N_SEQ)
+
+
+@pytest.fixture(scope="module")
+def teacher_logits(tiny, packed):
+    with torch.no_grad():
+        return tiny[0](input_ids=torch.from_numpy(packed.blocks).long()).logits.float()
+
+
+def _make(tiny, packed, path, **kw):
+    args = dict(mode="topk", top_k=K, num_samples=N_DRAWS, batch_size=BATCH, teacher_name="tiny", seed=3, progress=False)
+    args.update(kw)
+    return generate_cache(tiny[0], tiny[1], packed, path, **args)
+
+
+@pytest.fixture(scope="module")
+def topk_cache(tiny, packed, tmp_path_factory):
+    return _make(tiny, packed, tmp_path_factory.mktemp("topk") / "cache")
+
+
+@pytest.fixture(scope="module")
+def sample_cache(tiny, packed, tmp_path_factory):
+    return _make(tiny, packed, tmp_path_factory.mktemp("sample") / "cache", mode="sample")
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+def test_steps_are_powers_of_two_and_non_decreasing():
+    s = encode.logprob_steps(200)
+    assert s[0] == 2.0**-8 and s[-1] == 2.0**-3
+    assert (np.diff(s) >= 0).all()
+    assert np.all(np.log2(s) == np.round(np.log2(s)))
+
+
+@pytest.mark.parametrize("width", [1, 5, 64])
+def test_logprob_roundtrip_within_tolerance(width):
+    rng = np.random.default_rng(width)
+    lp = -np.sort(rng.exponential(3.0, size=(50, 7, width)), axis=-1).astype(np.float32)
+    lp[0, 0, -1] = -np.inf  # stored as the floor, never NaN
+    steps = encode.logprob_steps(width)
+    d = encode.encode_logprobs(lp, steps)
+    assert d.dtype == np.uint16
+    back = encode.decode_logprobs(d, steps)
+    finite = np.isfinite(lp)
+    assert (np.abs(back - lp)[finite] <= np.broadcast_to(encode.tolerance(steps), lp.shape)[finite] + 1e-6).all()
+    assert np.isfinite(back).all() and (np.diff(back, axis=-1) <= 0).all()
+
+
+# --------------------------------------------------------------------------- top-k mode
+
+
+def test_topk_equals_torch_topk_and_log_softmax(topk_cache, packed, teacher_logits):
+    ds = open_cache(topk_cache)
+    assert len(ds) == N_SEQ and ds.k == K and ds.mode == "topk"
+    ref_lp = torch.log_softmax(teacher_logits, -1)
+    _, ref_ids = torch.topk(teacher_logits, K, dim=-1)
+    tol = torch.as_tensor(encode.tolerance(encode.logprob_steps(K)), dtype=torch.float32) + 1e-5
+    for i in range(N_SEQ):
+        item = ds[i]
+        assert item["input_ids"].dtype == torch.int64 and item["target_ids"].dtype == torch.int64
+        assert item["target_logprobs"].dtype == torch.float32 and item["target_ids"].shape == (SEQ_LEN, K)
+        assert torch.equal(item["input_ids"], torch.from_numpy(packed.blocks[i]).long())
+        assert torch.equal(item["labels"][:-1], item["input_ids"][1:]) and item["labels"][-1] == -100
+        assert torch.equal(item["target_ids"], ref_ids[i])
+        err = (item["target_logprobs"] - ref_lp[i].gather(-1, ref_ids[i])).abs()
+        assert (err <= tol).all(), err.max()
+
+
+def test_manifest_and_inspect_statistics(topk_cache, teacher_logits, capsys):
+    summary = inspect_cache(topk_cache, verify=True)
+    text = capsys.readouterr().out
+    for word in ("topk (k=16)", "bytes/token", "mass", "entropy", "verify", "OK"):
+        assert word in text
+    lp = torch.log_softmax(teacher_logits.double(), -1)
+    entropy = -(lp.exp() * lp).sum(-1).mean().item()
+    mass = torch.topk(lp, K, -1).values.exp().sum(-1).mean().item()
+    assert summary["mean_entropy"] == pytest.approx(entropy, abs=1e-4)
+    assert summary["mean_mass"] == pytest.approx(mass, abs=1e-4)
+    m = json.loads((topk_cache / "manifest.json").read_text())
+    assert m["complete"] and m["num_sequences"] == N_SEQ and m["seq_len"] == SEQ_LEN and m["vocab_size"] == 4096
+    assert [(s["seq_start"], s["seq_end"], s["rows"]) for s in m["shards"]] == [(0, N_SEQ, N_SEQ)]
+    assert not (topk_cache / "parts").exists() and not list(topk_cache.glob("*.tmp*"))
+
+
+def test_docs_decode_example_matches_reader(topk_cache, sample_cache):
+    """The plain h5py + numpy example of docs/CACHE_FORMAT.md decodes what open_cache returns."""
+    doc = (ROOT / "docs" / "CACHE_FORMAT.md").read_text()
+    code = re.search(r"## Decode in plain h5py.*?```python\n(.*?)```", doc, re.S).group(1)
+    for path in (topk_cache, sample_cache):
+        ns = {"path": str(path)}
+        exec(compile(code, "CACHE_FORMAT.md", "exec"), ns)  # defines ids, logprobs, counts of row 1 of shard 0
+        item = open_cache(path)[1]
+        k = item["target_ids"].shape[1]
+        np.testing.assert_array_equal(ns["input_ids"], item["input_ids"].numpy())
+        np.testing.assert_array_equal(ns["ids"][:, :k], item["target_ids"].numpy())
+        np.testing.assert_array_equal(ns["logprobs"][:, :k], item["target_logprobs"].numpy())
+
+
+def test_to_dense_rebuilds_teacher_distribution(topk_cache):
+    item = open_cache(topk_cache)[0]
+    dense = to_dense(item["target_ids"], item["target_logprobs"], 4096)
+    assert dense.shape == (SEQ_LEN, 4096)
+    renorm = torch.softmax(item["target_logprobs"], -1)
+    assert torch.allclose(torch.softmax(dense, -1).gather(-1, item["target_ids"]), renorm, atol=1e-6)
+    tail = to_dense(item["target_ids"], item["target_logprobs"], 4096, fill="tail")
+    assert torch.allclose(tail.exp().sum(-1), torch.ones(SEQ_LEN), atol=1e-4)
+    # padding (-1) never overwrites id 0
+    pad = to_dense(torch.tensor([[0, -1]]), torch.tensor([[-0.5, float("-inf")]]), 8)
+    assert pad[0, 0] == -0.5
+
+
+# --------------------------------------------------------------------------- sample mode
+
+
+def test_sample_mode_items(sample_cache, teacher_logits):
+    ds = open_cache(sample_cache)
+    assert ds.mode == "sample" and 1 <= ds.k <= N_DRAWS
+    ref_lp = torch.log_softmax(teacher_logits, -1)
+    for i in range(N_SEQ):
+        it = ds[i]
+        ids, lp, c = it["target_ids"], it["target_logprobs"], it["target_counts"]
+        valid = ids >= 0
+        assert torch.equal(valid, c > 0) and torch.equal(valid, torch.isfinite(lp))
+        assert (c.sum(-1) == N_DRAWS).all()
+        for t in range(SEQ_LEN):
+            u = ids[t][valid[t]]
+            assert len(set(u.tolist())) == len(u)  # distinct
+            assert (lp[t][valid[t]] - ref_lp[i, t, u]).abs().max() <= 2.0**-5 + 1e-5  # half the coarsest step at width 24
+            assert (torch.diff(lp[t][valid[t]]) <= 1e-6).all()  # sorted descending
+
+
+def test_sampling_is_deterministic_per_sequence(tiny, packed):
+    x = torch.from_numpy(packed.blocks[:2]).long()
+    a = batch_targets(tiny[0], x, mode="sample", width=N_DRAWS, seed=5, first_index=10)
+    b = batch_targets(tiny[0], x, mode="sample", width=N_DRAWS, seed=5, first_index=10)
+    c = batch_targets(tiny[0], x, mode="sample", width=N_DRAWS, seed=6, first_index=10)
+    assert np.array_equal(a["ids"], b["ids"]) and np.array_equal(a["counts"], b["counts"])
+    assert not np.array_equal(a["ids"], c["ids"])
+
+
+def test_sample_estimate_converges_to_teacher(tiny, packed, teacher_logits):
+    """counts / N is an unbiased estimate of the teacher distribution p: its squared error
+    has expectation (1 - sum p^2) / N, and the entropy estimate converges."""
+    x = torch.from_numpy(packed.blocks[:2]).long()
+    p = torch.softmax(teacher_logits[:2].double(), -1)  # [2, L, V]
+    entropy = -(p * p.log()).sum(-1)
+    for n in (16, 1024):
+        r = batch_targets(tiny[0], x, mode="sample", width=n, seed=1)
+        ids, counts = torch.from_numpy(r["ids"]), torch.from_numpy(r["counts"]).double()
+        est = torch.zeros_like(p).scatter_add_(-1, ids.clamp(min=0), counts / n * (ids >= 0))
+        assert torch.allclose(est.sum(-1), torch.ones_like(entropy))
+        sq = ((est - p) ** 2).sum(-1).mean().item()
+        expected = ((1 - (p**2).sum(-1)) / n).mean().item()
+        assert 0.7 < sq / expected < 1.4, (n, sq, expected)
+    est_entropy = -(est * p.log()).sum(-1)  # E_p[-log p] from the draws, N = 1024
+    assert (est_entropy - entropy).abs().mean() < 0.1
+
+
+# --------------------------------------------------------------------------- reader
+
+
+def test_dataloader_workers_return_the_same_items(topk_cache):
+    from torch.utils.data import DataLoader
+
+    ds = open_cache(topk_cache)
+    ds[0]  # open a handle in the parent before forking: workers must open their own
+    a = list(DataLoader(ds, batch_size=2, num_workers=0))
+    b = list(DataLoader(ds, batch_size=2, num_workers=2))
+    assert len(a) == len(b) == N_SEQ // 2
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert torch.equal(x[k], y[k]), k
+
+
+def test_fingerprint_mismatch_names_both_values(topk_cache, packed, tiny):
+    ok = {"teacher": "tiny", "tokenizer": tiny[1], "data": packed, "seq_len": SEQ_LEN}
+    open_cache(topk_cache, expect=ok)
+    for key, wrong in (("teacher", "Qwen/Qwen3-30B-A3B"), ("tokenizer", "ab" * 32), ("data", "cd" * 32), ("seq_len", 4096)):
+        with pytest.raises(UserError) as e:
+            open_cache(topk_cache, expect={**ok, key: wrong})
+        msg = str(e.value)
+        assert key in msg and str(wrong) in msg and "\n" not in msg
+    with pytest.raises(UserError, match=packed.stream_hash):
+        open_cache(topk_cache, expect={"data": "cd" * 32})
+
+
+def _copy_cache(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_corrupted_or_truncated_shard_names_the_file(topk_cache, tmp_path):
+    import h5py
+
+    bad = _copy_cache(topk_cache, tmp_path / "flipped")
+    shard = bad / "shard-00000.h5"
+    with h5py.File(shard, "r") as f:  # flip one byte inside the compressed chunk of row 2
+        info = f["target_deltas"].id.get_chunk_info(2)
+    raw = bytearray(shard.read_bytes())
+    raw[info.byte_offset + info.size // 2] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match=r"shard-00000\.h5 is corrupted"):
+        open_cache(bad)
+    # without the whole-file checksum, the per-chunk fletcher32 still catches it on read
+    ds = open_cache(bad, verify=False)
+    with pytest.raises(UserError, match=r"shard-00000\.h5"):
+        for i in range(len(ds)):
+            ds[i]
+    cut = _copy_cache(topk_cache, tmp_path / "cut")
+    shard = cut / "shard-00000.h5"
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    with pytest.raises(UserError, match=r"shard-00000\.h5 is truncated"):
+        open_cache(cut, verify=False)
+
+
+def test_partial_cache_is_never_accepted(topk_cache, tmp_path):
+    part = _copy_cache(topk_cache, tmp_path / "partial")
+    m = json.loads((part / "manifest.json").read_text())
+    m["complete"] = False
+    (part / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(UserError, match="incomplete"):
+        open_cache(part)
+    with pytest.raises(UserError, match="not a teacher cache"):
+        open_cache(tmp_path)
+
+
+# --------------------------------------------------------------------------- generation errors
+
+
+def test_config_mismatch_refused_unless_overwrite(tiny, packed, topk_cache, tmp_path):
+    d = _copy_cache(topk_cache, tmp_path / "c")
+    assert _make(tiny, packed, d) == d  # same config: complete, nothing to do
+    with pytest.raises(UserError, match=r"top_k: cache has 16, this run has 8.*--overwrite"):
+        _make(tiny, packed, d, top_k=8)
+    _make(tiny, packed, d, top_k=8, overwrite=True)
+    assert open_cache(d).k == 8
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not empty"):
+        _make(tiny, packed, tmp_path / "foreign")
+
+
+@pytest.mark.parametrize("k", [0, 4097])
+def test_top_k_outside_vocabulary_is_a_user_error(tiny, packed, tmp_path, k):
+    with pytest.raises(UserError, match="top_k"):
+        _make(tiny, packed, tmp_path / "c", top_k=k)
+
+
+class _NaNTeacher(torch.nn.Module):
+    """The tiny teacher with NaN logits at one position of sequence 5."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.config = inner.config
+
+    def get_output_embeddings(self):
+        return self.inner.get_output_embeddings()
+
+    def get_input_embeddings(self):
+        return self.inner.get_input_embeddings()
+
+    def forward(self, input_ids, **kw):
+        out = self.inner(input_ids=input_ids, **kw)
+        if input_ids.shape[0] == 2:  # the second batch (sequences 4..5)
+            out.logits[1, 3, 7] = float("nan")
+        return out
+
+
+@pytest.mark.parametrize("mode", ["topk", "sample"])
+def test_nan_logits_name_the_batch(tiny, packed, tmp_path, mode):
+    with pytest.raises(UserError, match=r"NaN/inf logits in the batch of sequences 4\.\.5"):
+        generate_cache(_NaNTeacher(tiny[0]), tiny[1], packed, tmp_path / "c", mode=mode, top_k=K,
+                       num_samples=4, batch_size=BATCH, progress=False)
+    assert not json.loads((tmp_path / "c" / "manifest.json").read_text())["complete"]
+
+
+def test_identity_diff_lists_changes():
+    a = {"mode": "topk", "fingerprints": {"data": "x"}}
+    b = {"mode": "sample", "fingerprints": {"data": "y"}}
+    diff = fmt.identity_diff(a, b)
+    assert "mode: cache has topk, this run has sample" in diff and "fingerprints.data: cache has x, this run has y" in diff
