@@ -279,8 +279,8 @@ def test_gradient_accumulation_2x4_equals_1x8(tail):
     for sl in (slice(0, 4), slice(4, 8)):
         part = loss(acc[sl], sl, n_items)
         part.total.backward()
-        total += float(part.total)
-    assert total == pytest.approx(float(full.total), rel=1e-6)
+        total += float(part.total.detach())
+    assert total == pytest.approx(float(full.total.detach()), rel=1e-6)
     torch.testing.assert_close(acc.grad, big.grad, rtol=1e-6, atol=1e-8)
 
 
@@ -345,8 +345,25 @@ def test_backward_scales_and_runs_once():
         out.total.backward()
     with torch.no_grad():
         again = distillation_loss(logits, labels, ids, lps, alpha=0.5, temperature=2.0)
-    assert float(again.total) == pytest.approx(float(out.total), rel=1e-6)
+    assert float(again.total) == pytest.approx(float(out.total.detach()), rel=1e-6)
     assert not out.ce.requires_grad and not out.kl.requires_grad
+
+
+@pytest.mark.parametrize("tail", ["renormalize", "tail", "sample", "dense"])
+def test_no_grad_gives_the_same_values(tail):
+    """Evaluation skips the gradient work (and, where it can, the probabilities)."""
+    logits, labels, ids, lps, teacher = make_batch(seed=17)
+    counts = torch.randint(1, 4, ids.shape).float()
+
+    def loss(x):
+        if tail == "dense":
+            return dense_distillation_loss(x, teacher, labels, alpha=0.3, temperature=2.0)
+        return distillation_loss(x, labels, ids, lps, tail=tail, target_counts=counts, alpha=0.3, temperature=2.0)
+
+    with_grad, _ = value_and_grad(loss, logits)
+    with torch.no_grad():
+        without = [float(v) for v in loss(logits.clone().requires_grad_(True))]
+    assert without == pytest.approx(with_grad, rel=1e-6)
 
 
 def test_user_errors():

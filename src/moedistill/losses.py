@@ -276,107 +276,154 @@ def _forward(flat, lab, rows, teacher, alpha, temperature, denom, chunk_size, ne
     n = rows.numel()
     ce_sum = torch.zeros((), dtype=torch.float64, device=device)
     kl_sum = torch.zeros((), dtype=torch.float64, device=device)
+    if n == 0:
+        return ce_sum.float(), ce_sum.float(), ce_sum.float(), None
     grad = None
-    if need_grad and n > 0:
+    if need_grad:
         grad = torch.empty_like(flat)
         if n < flat.shape[0]:  # uncounted positions get exactly zero gradient
-            uncounted = (lab == IGNORE_INDEX).nonzero().squeeze(1)
-            grad.index_fill_(0, uncounted, 0)
+            grad.index_fill_(0, (lab == IGNORE_INDEX).nonzero().squeeze(1), 0)
     inv_t = 1.0 / temperature
     # d total / d logits = c_ce (softmax(z) - onehot(y)) + c_kl d KL / d u, with u = z / T.
-    c_ce = (1.0 - alpha) / denom if n else 0.0
-    c_kl = alpha * temperature / denom if n else 0.0
+    c_ce = (1.0 - alpha) / denom
+    c_kl = alpha * temperature / denom
+    labels = lab.index_select(0, rows).unsqueeze(1)
+    teacher.select(rows)
+    # Chunk-sized fp32 work buffers, allocated once and reused: a fresh [C, V] allocation
+    # per chunk costs page faults that take longer than the arithmetic on CPU.
+    rows_per_chunk = min(chunk_size, n)
+    work = lambda: torch.empty(rows_per_chunk, flat.shape[1], dtype=torch.float32, device=device)  # noqa: E731
+    buf_x = work()
+    buf_u = work() if (temperature != 1.0 or teacher.masks_probs) else None
+    teacher.allocate(work)
+    # Without a gradient only the tail bucket needs probabilities; the rest uses log-probs.
+    need_probs = need_grad or teacher.masks_probs
 
-    for start in range(0, n, chunk_size):
-        r = rows[start : start + chunk_size]
-        y = lab.index_select(0, r).unsqueeze(1)
-        x = flat.index_select(0, r)  # a copy we own, in the input dtype
-        x = x.float()  # no-op for fp32 input; the only upcast, one chunk at a time
-        x.sub_(x.amax(dim=1, keepdim=True))  # z - max z: all later exps are <= 1
-        x_y = x.gather(1, y)
+    for start, pieces in _chunks(rows.tolist(), chunk_size):
+        c = sum(b - a for a, b, _ in pieces)
+        sl = slice(start, start + c)
+        y = labels[sl]
+        # Fused row-wise (log_)softmax kernels, in place: each row stays in cache across
+        # their passes, which beats separate max / exp / sum ops over the whole chunk.
+        x = _gather_rows(buf_x[:c], flat, pieces)  # the only upcast, one chunk at a time
+        if temperature != 1.0:
+            u = torch.log_softmax(torch.mul(x, inv_t, out=buf_u[:c]), dim=1, out=buf_u[:c])
+        torch.log_softmax(x, dim=1, out=x)
         if temperature == 1.0:
-            u = x  # u = (z - max z) / T, shares the buffer at T = 1
-            state = teacher.observe(r, u)
-            x.exp_()
-            z1 = x.sum(dim=1, keepdim=True)
-            e_t, z_t = (x.clone() if teacher.masks_exp else x), z1
-        else:
-            u = x.mul(inv_t)
-            state = teacher.observe(r, u)
-            x.exp_()
-            z1 = x.sum(dim=1, keepdim=True)
-            e_t = u.exp_()
-            z_t = e_t.sum(dim=1, keepdim=True)
-        ce_sum += (z1.log() - x_y).sum(dtype=torch.float64)
-        kl_rows, beta = teacher.finish(state, e_t, z_t)  # may zero e_t on the stored ids (tail mode)
+            u = x
+        ce_sum -= x.gather(1, y).sum(dtype=torch.float64)
+        state = teacher.observe(sl, pieces, u)  # u = log p_T
+        p_t = None
+        if need_probs:
+            torch.softmax(x, dim=1, out=x)  # softmax of log-probs = their exp, but faster
+            if temperature != 1.0:
+                p_t = torch.softmax(u, dim=1, out=u)
+            else:
+                p_t = buf_u[:c].copy_(x) if teacher.masks_probs else x
+        kl_rows, beta = teacher.finish(state, p_t)  # tail mode zeroes p_t on the stored ids
         kl_sum += kl_rows.sum(dtype=torch.float64)
         if grad is None:
             continue
-        # x holds exp(z - max z); turn it into this chunk's gradient in place.
-        if e_t is x:
-            x.mul_(c_ce / z1 + c_kl * beta)
+        # x holds softmax(z); turn it into this chunk's gradient in place.
+        if p_t is x:
+            x.mul_(c_ce + c_kl * beta)
         else:
-            x.mul_(c_ce / z1)
-            x.addcmul_(e_t, c_kl * beta)
-        x.scatter_add_(1, y, torch.full_like(x_y, -c_ce))
+            x.mul_(c_ce)
+            if isinstance(beta, float):
+                x.add_(p_t, alpha=c_kl * beta)
+            else:
+                x.addcmul_(p_t, c_kl * beta)
+        x.scatter_add_(1, y, torch.full(y.shape, -c_ce, dtype=x.dtype, device=device))
         teacher.add_grad(state, x, c_kl)
-        grad.index_copy_(0, r, x.to(grad.dtype))
-        del x, u, e_t, state
+        _scatter_rows(grad, x, pieces)  # downcast to the input dtype on the way
 
-    ce = (ce_sum / denom).float() if n else ce_sum.float()
-    kl = (kl_sum / denom).float() if n else kl_sum.float()
+    ce = (ce_sum / denom).float()
+    kl = (kl_sum / denom).float()
     total = (1.0 - alpha) * ce + alpha * temperature**2 * kl
     return total, ce, kl, grad
 
 
+def _chunks(rows, chunk_size):
+    """Split the sorted counted row indices into chunks; yield (offset, pieces) per chunk,
+    pieces = [(row_start, row_end, offset_in_chunk)] for each run of consecutive rows.
+    Copying runs is plain memcpy; index_select over [N, V] rows is several times slower on CPU."""
+    for start in range(0, len(rows), chunk_size):
+        part = rows[start : start + chunk_size]
+        pieces, first, prev, at = [], part[0], part[0], 0
+        for i in range(1, len(part)):
+            if part[i] != prev + 1:
+                pieces.append((first, prev + 1, at))
+                first, at = part[i], i
+            prev = part[i]
+        pieces.append((first, prev + 1, at))
+        yield start, pieces
+
+
+def _gather_rows(dst, src, pieces):
+    for a, b, at in pieces:
+        dst[at : at + b - a].copy_(src[a:b])
+    return dst
+
+
+def _scatter_rows(dst, src, pieces):
+    for a, b, at in pieces:
+        dst[a:b].copy_(src[at : at + b - a])
+
+
 # --------------------------------------------------------------------------- teachers
 #
-# A teacher sees each chunk twice. ``observe(rows, u)`` gets u = (z - max z) / T [C, V]
-# before it is exponentiated (so it can gather or dot with it). ``finish(state, e_t, z_t)``
-# gets e_t = exp(u) and z_t = e_t.sum(1), so p_T = e_t / z_t, and returns the per-row KL
-# and a per-row coefficient beta; the KL gradient w.r.t. u is then beta * e_t plus what
-# ``add_grad`` adds (a scatter on the stored ids, or a dense term).
+# A teacher first gets ``select(rows)`` (the counted positions, in order) and ``allocate(work)``
+# (a factory of [C, V] fp32 buffers it may keep). Then it sees each chunk twice:
+# ``observe(sl, pieces, log_p)`` (sl: the chunk's slice of the counted positions, pieces:
+# its runs of rows, see _chunks) gets log_p = log p_T [C, V] and returns a state;
+# ``finish(state, p)`` gets p = p_T [C, V] (None when no gradient is wanted and
+# ``masks_probs`` is False) and returns the per-row KL and a per-row coefficient beta
+# [C, 1]; d KL / d u (u = z / T) is then  beta * p  plus what ``add_grad`` adds
+# (a scatter on the stored ids, or a dense term).
 
 
 class _SparseTeacher:
     def __init__(self, ids, logprobs, counts, tail, temperature, vocab):
         self.ids, self.logprobs, self.counts = ids, logprobs, counts
         self.tail, self.inv_t, self.vocab = tail, 1.0 / temperature, vocab
-        self.masks_exp = tail == "tail"
+        self.masks_probs = tail == "tail"
 
-    def observe(self, rows, u):
-        ids = self.ids.index_select(0, rows)
-        lp = self.logprobs.index_select(0, rows).float()
+    def select(self, rows):
+        self.ids = self.ids.index_select(0, rows)
+        self.logprobs = self.logprobs.index_select(0, rows)
+        if self.counts is not None:
+            self.counts = self.counts.index_select(0, rows) if self.tail == "sample" else None
+
+    def allocate(self, work):
+        pass
+
+    def observe(self, sl, pieces, log_p):
+        ids = self.ids[sl]
+        lp = self.logprobs[sl].float()
         valid = (ids >= 0) & (lp > -math.inf)
-        if self.counts is not None and self.tail == "sample":
-            counts = self.counts.index_select(0, rows).float()
+        counts = None
+        if self.counts is not None:
+            counts = self.counts[sl].float()
             valid &= counts > 0
-        else:
-            counts = None
         idx = ids.clamp(min=0)  # padding points at id 0 and is masked out by `valid`
-        return {"idx": idx, "lp": lp, "valid": valid, "counts": counts, "u_s": u.gather(1, idx)}
+        return {"idx": idx, "lp": lp, "valid": valid, "counts": counts, "log_p": log_p.gather(1, idx)}
 
-    def finish(self, st, e_t, z_t):
-        idx, lp, valid, u_s = st["idx"], st["lp"], st["valid"], st["u_s"]
-        log_z_t = z_t.log()
+    def finish(self, st, p):
+        lp, valid, log_p = st["lp"], st["valid"], st["log_p"]
         ninf = torch.full_like(lp, -math.inf)
-        if self.tail == "renormalize":
-            logw = torch.where(valid, lp * self.inv_t, ninf)
-            log_q = logw - _safe_lse(logw)
-            q = log_q.exp()  # 0 at padding
-            kl = _where_sum(valid, q * (log_q - u_s)) + q.sum(1) * log_z_t.squeeze(1)
-            st["gamma"] = -q
-            return kl, q.sum(1, keepdim=True) / z_t
-        if self.tail == "sample":
-            logw = torch.where(valid, st["counts"].log() + (self.inv_t - 1.0) * lp, ninf)
-            lse_w = _safe_lse(logw)
-            w = (logw - lse_w).exp()
-            # log Z_T estimate = log((1/N) sum c q^(1/T-1)); log q_T(i) = lp_i/T - log Z_T.
-            log_zhat = lse_w - st["counts"].sum(1, keepdim=True).clamp_min(1).log()
-            log_q = lp * self.inv_t - log_zhat
-            kl = _where_sum(valid, w * (log_q - u_s)) + w.sum(1) * log_z_t.squeeze(1)
+        if self.tail in ("renormalize", "sample"):
+            if self.tail == "renormalize":
+                logw = torch.where(valid, lp * self.inv_t, ninf)
+                w = (logw - _safe_lse(logw)).exp()  # q_T on the stored ids, 0 at padding
+                log_q = lp * self.inv_t - _safe_lse(logw)
+            else:
+                logw = torch.where(valid, st["counts"].log() + (self.inv_t - 1.0) * lp, ninf)
+                lse_w = _safe_lse(logw)
+                w = (logw - lse_w).exp()  # self-normalised importance weights
+                # log q_T(i) = lp_i / T - log Z_T, Z_T estimated by (1/N) sum c q^(1/T - 1).
+                log_q = lp * self.inv_t - (lse_w - st["counts"].sum(1, keepdim=True).clamp_min(1).log())
             st["gamma"] = -w
-            return kl, w.sum(1, keepdim=True) / z_t
+            return _where_sum(valid, w * (log_q - log_p)), w.sum(1, keepdim=True)
         # tail: coarsened distributions over the stored ids plus one bucket.
         k_valid = valid.sum(1, keepdim=True)
         mass = _safe_lse(torch.where(valid, lp, ninf), empty=-math.inf)  # log sum_S q (T=1)
@@ -387,44 +434,48 @@ class _SparseTeacher:
         has_tail = (log_r > -math.inf) & (free > 0)
         a_tail = torch.where(has_tail, log_r * self.inv_t + (1.0 - self.inv_t) * log_n, torch.full_like(log_r, -math.inf))
         logw = torch.where(valid, lp * self.inv_t, ninf)
-        log_zq = torch.logaddexp(_safe_lse(logw, empty=-math.inf), a_tail)  # > -inf: r = 1 if S is empty
+        log_zq = torch.logaddexp(_safe_lse(logw, empty=-math.inf), a_tail)  # finite: r = 1 if S is empty
         log_q = logw - log_zq
         q = log_q.exp()
         q_tail = (a_tail - log_zq).exp()
-        # Student: sum of e_t outside S, exactly (zero the stored ids: x + (-x) == 0).
-        e_s = e_t.gather(1, idx)
-        e_t.scatter_add_(1, idx, torch.where(valid, -e_s, torch.zeros_like(e_s)))
-        tail_sum = e_t.sum(1, keepdim=True).clamp_min(torch.finfo(e_t.dtype).tiny)  # underflow: huge, finite KL
-        log_p_tail = tail_sum.log() - log_z_t
-        kl = _where_sum(valid, q * (log_q - (u_s - log_z_t)))
-        kl = kl + torch.where(q_tail > 0, q_tail * (a_tail - log_zq - log_p_tail), torch.zeros_like(q_tail)).squeeze(1)
-        # d KL / d u_j = p_j - q_j on S and p_j (1 - q_tail / p_tail) outside S (e_t is now 0 on S).
-        ratio = torch.where(q_tail > 0, q_tail / tail_sum, torch.zeros_like(q_tail))
-        st["gamma"] = torch.where(valid, e_s / z_t - q, torch.zeros_like(q))
-        return kl, 1.0 / z_t - ratio
+        # Student bucket: the sum of p outside S, exactly (zero the stored ids: x + (-x) == 0).
+        p_s = p.gather(1, st["idx"])
+        p.scatter_add_(1, st["idx"], torch.where(valid, -p_s, torch.zeros_like(p_s)))
+        p_tail = p.sum(1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)  # underflow: huge, finite KL
+        kl = _where_sum(valid, q * (log_q - log_p))
+        kl = kl + torch.where(q_tail > 0, q_tail * (a_tail - log_zq - p_tail.log()), torch.zeros_like(q_tail)).squeeze(1)
+        # d KL / d u_j = p_j - q_j on S and p_j (1 - q_tail / p_tail) outside S (p is now 0 on S).
+        st["gamma"] = torch.where(valid, p_s - q, torch.zeros_like(q))
+        return kl, 1.0 - torch.where(q_tail > 0, q_tail / p_tail, torch.zeros_like(q_tail))
 
     def add_grad(self, st, g, coef):
         g.scatter_add_(1, st["idx"], torch.where(st["valid"], st["gamma"] * coef, torch.zeros_like(st["gamma"])))
 
 
 class _DenseTeacher:
-    masks_exp = False
+    masks_probs = False
 
     def __init__(self, logits, temperature):
         self.logits, self.inv_t = logits, 1.0 / temperature
 
-    def observe(self, rows, u):
-        t = self.logits.index_select(0, rows).float()
-        t.sub_(t.amax(dim=1, keepdim=True)).mul_(self.inv_t)
-        log_q = t.sub_(torch.logsumexp(t, dim=1, keepdim=True))
-        q = log_q.exp()
-        # sum_v q (log q - u), with 0 where q == 0 (a teacher logit of -inf).
-        log_q.sub_(u).mul_(q)
-        log_q.masked_fill_(q == 0, 0.0)
-        return {"q": q, "q_dot": log_q.sum(1)}
+    def select(self, rows):
+        pass
 
-    def finish(self, st, e_t, z_t):
-        return st["q_dot"] + z_t.log().squeeze(1), 1.0 / z_t
+    def allocate(self, work):
+        self.buf_t, self.buf_q = work(), work()
+
+    def observe(self, sl, pieces, log_p):
+        c = log_p.shape[0]
+        log_q = _gather_rows(self.buf_t[:c], self.logits, pieces).mul_(self.inv_t)
+        torch.log_softmax(log_q, dim=1, out=log_q)
+        q = torch.softmax(log_q, dim=1, out=self.buf_q[:c])
+        # sum_v q (log q - log p), with 0 where q == 0 (a teacher logit of -inf).
+        log_q.sub_(log_p).mul_(q)
+        log_q.masked_fill_(q == 0, 0.0)
+        return {"q": q, "kl": log_q.sum(1)}
+
+    def finish(self, st, p):
+        return st["kl"], 1.0
 
     def add_grad(self, st, g, coef):
         g.add_(st["q"], alpha=-coef)
