@@ -114,6 +114,16 @@ def markdown(report: dict) -> str:
             cells = [f"{at[v]['perplexity']:.3f}" if v in at else "-" for v in VARIANTS]
             best = min(at.values(), key=lambda row: row["perplexity"])
             lines.append(f"| {r} | {ratio:.3f} | " + " | ".join(cells) + f" | {best['core']}+{best['svd']} |")
+        others = [v for v in VARIANTS if v != ("mean", "plain")]
+        lines += ["", "Perplexity change against mean+plain at the same rank (negative = better than plain):", ""]
+        lines += ["| rank | " + " | ".join(f"{c}+{s}" for c, s in others) + " |", "|---:|" + "---:|" * len(others)]
+        for entry in report.get("comparison", []):
+            base = entry["mean+plain"]
+            cells = []
+            for c, sv in others:
+                d = entry.get(f"{c}+{sv} - mean+plain")
+                cells.append("-" if d is None else f"{d:+.3f} ({100 * d / base:+.1f}%)")
+            lines.append(f"| {entry['rank']} | " + " | ".join(cells) + " |")
         for key, title, fmt in [
             ("kl", "KL(teacher || checkpoint), nats/token", "{:.4f}"),
             ("weight_error", "relative weight error, mean over layers and projections", "{:.4f}"),
@@ -123,7 +133,8 @@ def markdown(report: dict) -> str:
             lines += ["| rank | " + " | ".join(f"{c}+{s}" for c, s in VARIANTS) + " |", "|---:|" + "---:|" * len(VARIANTS)]
             for r in sorted({row["rank"] for row in report["sweep"]}):
                 at = {(row["core"], row["svd"]): row for row in report["sweep"] if row["rank"] == r}
-                cells = [fmt.format(at[v][key]) if v in at and at[v].get(key) is not None else "-" for v in VARIANTS]
+                # max(0, .): a full-rank KL of -1e-9 is rounding, not a negative divergence
+                cells = [fmt.format(max(0.0, at[v][key])) if v in at and at[v].get(key) is not None else "-" for v in VARIANTS]
                 lines.append(f"| {r} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += [
@@ -144,6 +155,7 @@ def plot(report: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(17, 4.8))
     teacher_ppl = report["teacher_eval"]["perplexity"]
@@ -152,12 +164,17 @@ def plot(report: dict, path: Path) -> None:
     for ax, key, label in ((ax1, "perplexity", "validation perplexity"), (ax2, "kl", "KL(teacher || student), nats/token")):
         for core, svd in VARIANTS:
             rows = sorted((r for r in report.get("sweep", []) if r["core"] == core and r["svd"] == svd), key=lambda r: r["rank"])
-            rows = [r for r in rows if r["rank"] > 0 and r.get(key) is not None and r[key] > 1e-9]  # log axis: no exact (full-rank) zeros
+            # log axes: leave out the exact (full-rank) points, whose KL is rounding noise
+            rows = [r for r in rows if r.get(key) is not None and (key != "kl" or r[key] > 1e-6)]
             if rows:
                 ax.plot([r["expert_compression_ratio"] for r in rows], [r[key] for r in rows], "o-", label=f"{core}+{svd}")
         if c0.get(key) is not None:
             ax.plot([c0_ratio], [c0[key]], "k*", ms=14, label="checkpoint-0")
         ax.set_xscale("log")
+        ticks = sorted({round(r["expert_compression_ratio"], 3) for r in report.get("sweep", [])} | {round(c0_ratio, 3)})
+        ax.set_xticks(ticks)
+        ax.set_xticklabels([f"{t:g}" for t in ticks], rotation=45, fontsize=8)
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("expert parameters, student / teacher")
         ax.set_ylabel(label)
     ax1.axhline(teacher_ppl, color="gray", ls="--", label=f"teacher {teacher_ppl:.2f}")
