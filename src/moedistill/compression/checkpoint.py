@@ -4,7 +4,9 @@ Writes ``<output_dir>/compressed/checkpoint-0`` (weights, config with ``compress
 tokenizer, and ``modeling_moedistill.py`` for ``trust_remote_code``) and
 ``<output_dir>/compressed/report.{json,md,png}``. A checkpoint-0 made with the same
 settings (teacher identity, rank, method, calibration data) is reused, not recomputed;
-the settings hash lives in ``config.compression.settings_hash``.
+the settings hash lives in ``config.compression.settings_hash``. ``report_ranks`` is not
+part of the settings (it changes the report, not the checkpoint): to redo the report
+alone, delete ``checkpoint-0``.
 """
 
 from __future__ import annotations
@@ -110,21 +112,20 @@ def compress_from_config(cfg) -> Path:
     Returns:
         the checkpoint directory ``<cfg.output_dir>/compressed/checkpoint-0``.
     """
+    from transformers import AutoConfig
+
     from moedistill.data import prepare
-    from moedistill.models import get_model
+    from moedistill.models import get_model, resolve
 
     ckpt = checkpoint_dir(cfg)
     s = settings(cfg)
     h = settings_hash(s)
     if _existing(ckpt, h):
-        print(f"[compress] reusing {ckpt} (same teacher and settings, hash {h})")
+        report = ckpt.parent / "report.md"
+        print(f"[compress] reusing {ckpt} (same teacher and settings, hash {h})" + (f"; report: {report}" if report.exists() else ""))
         return ckpt
 
     c, d = cfg.compress, cfg.data
-    from transformers import AutoConfig
-
-    from moedistill.models import resolve
-
     try:  # a bad rank or architecture stops here, before a large teacher loads
         teacher_config = AutoConfig.from_pretrained(resolve(cfg.teacher.name), trust_remote_code=cfg.teacher.trust_remote_code)
     except (OSError, ValueError):
