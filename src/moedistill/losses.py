@@ -70,6 +70,11 @@ from moedistill.errors import UserError
 
 IGNORE_INDEX = -100
 TAIL_MODES = ("renormalize", "tail", "sample")
+# On CPU, a chunk's fp32 buffer is capped at this size (about 220 positions at V = 151,936).
+# The work buffers are new pages on every call, and on CPU touching fresh pages costs about
+# as much as the arithmetic: at 1,024 x 151,936 fwd+bwd took 1.5 s with 128-256 positions
+# per chunk and 2.5 s with 1,024 (2 shared cores; with 32-64 per-op overhead dominated).
+CPU_CHUNK_BYTES = 128 * 2**20
 
 __all__ = ["LossOutput", "distillation_loss", "dense_distillation_loss", "IGNORE_INDEX", "TAIL_MODES"]
 
@@ -113,7 +118,10 @@ def distillation_loss(
         target_counts: [B, T, K] draw counts (float or int; 0 at padding); ``sample`` only.
         num_items_in_batch: divisor for the sums (counted positions of the whole
             optimizer step); default: the counted positions of this call.
-        chunk_size: positions upcast to fp32 at a time (memory ~ a few chunk_size x V fp32).
+        chunk_size: the most positions upcast to fp32 at a time; the loss holds 2-4 such
+            [chunk, V] fp32 buffers. On CPU it uses fewer positions when a buffer would pass
+            CPU_CHUNK_BYTES: there, touching fresh pages and stalling thread barriers cost
+            more than the arithmetic, and mid-sized chunks measured fastest.
 
     Returns:
         LossOutput(total, ce, kl). Gradients flow to ``student_logits`` only.
@@ -291,6 +299,8 @@ def _forward(flat, lab, rows, teacher, alpha, temperature, denom, chunk_size, ne
     teacher.select(rows)
     # Chunk-sized fp32 work buffers, allocated once and reused: a fresh [C, V] allocation
     # per chunk costs page faults that take longer than the arithmetic on CPU.
+    if device.type == "cpu":
+        chunk_size = min(chunk_size, max(1, CPU_CHUNK_BYTES // (4 * flat.shape[1])))
     rows_per_chunk = min(chunk_size, n)
     work = lambda: torch.empty(rows_per_chunk, flat.shape[1], dtype=torch.float32, device=device)  # noqa: E731
     buf_x = work()
@@ -324,18 +334,21 @@ def _forward(flat, lab, rows, teacher, alpha, temperature, denom, chunk_size, ne
         kl_sum += kl_rows.sum(dtype=torch.float64)
         if grad is None:
             continue
-        # x holds softmax(z); turn it into this chunk's gradient in place.
-        if p_t is x:
-            x.mul_(c_ce + c_kl * beta)
-        else:
+        # x holds softmax(z); turn it into this chunk's gradient, g = scale * x, in place.
+        # d total / d z = c_ce (p - onehot(y)) + c_kl (beta p_T + teacher scatter or dense term).
+        if p_t is x:  # T = 1: p_T is p
+            scale = c_ce + c_kl * beta
+        elif teacher.masks_probs:  # tail: beta may be negative
             x.mul_(c_ce)
-            if isinstance(beta, float):
-                x.add_(p_t, alpha=c_kl * beta)
-            else:
-                x.addcmul_(p_t, c_kl * beta)
-        x.scatter_add_(1, y, torch.full(y.shape, -c_ce, dtype=x.dtype, device=device))
-        teacher.add_grad(state, x, c_kl)
-        _scatter_rows(grad, x, pieces)  # downcast to the input dtype on the way
+            x.addcmul_(p_t, c_kl * beta)
+            scale = 1.0
+        else:  # beta >= 0: one lerp pass instead of mul + add
+            scale = c_ce + c_kl * beta
+            x.lerp_(p_t, (c_kl * beta) / _nonzero(scale))
+        inv = 1.0 / _nonzero(scale)
+        x.scatter_add_(1, y, (-c_ce * inv) * torch.ones(y.shape, dtype=x.dtype, device=device))
+        teacher.add_grad(state, x, c_kl * inv)
+        _scatter_rows(grad, x, pieces, scale)  # scales and downcasts to the input dtype
 
     ce = (ce_sum / denom).float()
     kl = (kl_sum / denom).float()
@@ -365,9 +378,27 @@ def _gather_rows(dst, src, pieces):
     return dst
 
 
-def _scatter_rows(dst, src, pieces):
+def _scatter_rows(dst, src, pieces, scale):
+    """dst[rows] = src * scale (scale: a float or a [C, 1] tensor), as one fused pass where it can."""
+    if isinstance(scale, float) and scale == 1.0:
+        fused = False
+    elif dst.dtype == src.dtype:
+        fused = True
+    else:  # mul with a low-precision out= takes a slow path: scale in fp32, then copy
+        src.mul_(scale)
+        fused = False
     for a, b, at in pieces:
-        dst[a:b].copy_(src[at : at + b - a])
+        if fused:
+            torch.mul(src[at : at + b - a], scale if isinstance(scale, float) else scale[at : at + b - a], out=dst[a:b])
+        else:
+            dst[a:b].copy_(src[at : at + b - a])
+
+
+def _nonzero(x):
+    """x with zeros replaced by 1 (a row whose gradient scale is 0 has no gradient at all)."""
+    if isinstance(x, float):
+        return x if x != 0.0 else 1.0
+    return torch.where(x != 0, x, torch.ones_like(x))
 
 
 # --------------------------------------------------------------------------- teachers
@@ -478,7 +509,10 @@ class _DenseTeacher:
         return st["kl"], 1.0
 
     def add_grad(self, st, g, coef):
-        g.add_(st["q"], alpha=-coef)
+        if isinstance(coef, float):
+            g.add_(st["q"], alpha=-coef)
+        else:
+            g.addcmul_(st["q"], -coef)
 
 
 def _safe_lse(logw, empty=0.0):

@@ -1,0 +1,365 @@
+"""Side-by-side cost of the distillation loss, printed as tables with ratios.
+
+Section ``loss``: forward + backward of one loss over [positions, V] student logits:
+  (a) plain CE           F.cross_entropy(logits, labels)
+  (b) sparse (ours)      moedistill.losses.distillation_loss on top-k cache targets
+  (c) dense (seed)       the seed's reconstruction: the top-k log-probs scattered into a
+                         full-vocabulary tensor filled with -1e4, softmax(./T), then
+                         F.kl_div(log_softmax(z/T), .) * T^2 blended with CE
+
+    python benchmarks/bench_loss.py                       # V=151,936, 4,096 positions, k=64
+    python benchmarks/bench_loss.py --positions 512 --vocab 32000   # quick look
+
+How it is measured (all variants in one run of this script):
+* Each variant runs in its own fresh process (multiprocessing "spawn"), so no variant
+  inherits another's allocator state or peak.
+* Peak memory (CPU): Linux tracks a process's peak resident set (VmHWM in
+  /proc/self/status), and writing "5" to /proc/self/clear_refs resets it to the
+  current RSS. After the inputs exist we reset it, note RSS, run one fwd+bwd and read
+  VmHWM: the difference is the loss's own peak (its temporaries plus the gradient it
+  leaves in ``logits.grad``). Large tensors are mmap'ed by glibc and returned to the OS
+  when freed, so RSS follows the tensors. Where clear_refs cannot be written, the
+  fallback is ru_maxrss of the fresh process, which is the same number as long as the
+  measured call is the largest thing the process did (it is: the inputs come first and
+  are smaller). "total" adds the inputs (logits, labels, targets) held before the call.
+  On CUDA: torch.cuda.max_memory_allocated() after reset_peak_memory_stats().
+* Time: the machine may be shared, so each variant's process alternates its own fwd+bwd
+  with plain CE (``--repeats`` rounds each) and the ratio is that of the two medians,
+  measured side by side; row (a) is the CE measured beside (b). The first round also
+  measures the peaks.
+* The seed's dense variant needs ~7x the logits; when the free memory cannot hold it
+  at the requested size it is measured at fewer positions (halving), against CE at the
+  same size in the same process, since every cost here is linear in the positions.
+
+A later section (the training step with an online teacher vs the cache) plugs in
+through SECTIONS and reuses run_in_fresh_process / peak_memory / median / print_table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import resource
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def run_in_fresh_process(fn, *args):
+    """Run the module-level ``fn(*args)`` in a new spawned process and return its result."""
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+def _status_bytes(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+@contextmanager
+def peak_memory(device: str = "cpu"):
+    """Measure the peak memory of the block above what was held when it began.
+
+    Yields a dict; after the block ``result["peak"]`` is that peak in bytes and
+    ``result["method"]`` names how it was measured (see the module docstring).
+    """
+    result: dict = {}
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        yield result
+        torch.cuda.synchronize()
+        result.update(peak=torch.cuda.max_memory_allocated() - base, method="cuda.max_memory_allocated")
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        method = "VmHWM after clear_refs"
+    except OSError:
+        method = "ru_maxrss (fresh process)"
+    base = _status_bytes("VmRSS") or 0
+    yield result
+    if method.startswith("VmHWM"):
+        hwm = _status_bytes("VmHWM")
+    else:
+        hwm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result.update(peak=max(hwm - base, 0), method=method)
+
+
+def mem_available() -> int | None:
+    """Bytes the kernel says can still be allocated without swapping (Linux), else None."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def print_table(title, header, rows):
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "| " + " | ".join(str(c).rjust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    print(f"\n{title}")
+    print(line(header))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        print(line(r))
+    sys.stdout.flush()
+
+
+def _gb(n):
+    return f"{n / 2**30:.2f}"
+
+
+# --------------------------------------------------------------------------- section: loss
+
+
+@dataclass
+class LossBench:
+    positions: int
+    vocab: int
+    k: int
+    alpha: float
+    temperature: float
+    tail: str
+    chunk_size: int
+    dtype: str
+    repeats: int
+    device: str
+    seed: int = 0
+
+
+LOSS_VARIANTS = {
+    "ce": "(a) plain CE",
+    "sparse": "(b) sparse (ours)",
+    "dense": "(c) dense (seed)",
+}
+
+
+def _loss_inputs(cfg: LossBench):
+    """Student logits [1, N, V], labels [1, N], distinct top-k ids [1, N, k] with descending
+    log-probs that leave some mass outside the k ids, as a top-k cache would hold."""
+    import torch
+
+    g = torch.Generator().manual_seed(cfg.seed)
+    n, v, k = cfg.positions, cfg.vocab, cfg.k
+    # 256 random rows tiled: as costly to process as fully random logits, much faster to make
+    block = torch.randn(min(n, 256), v, generator=g).mul_(2.0).to(getattr(torch, cfg.dtype))
+    logits = block.repeat(-(-n // block.shape[0]), 1)[:n].unsqueeze(0).to(cfg.device)
+    labels = torch.randint(0, v, (1, n), generator=g).to(cfg.device)
+    base = torch.randint(0, v, (n, 1), generator=g)
+    step = torch.randint(1, max(v // k, 2), (n, 1), generator=g)
+    ids = ((base + torch.arange(k) * step) % v).unsqueeze(0).to(cfg.device)  # distinct per row
+    lps = torch.log_softmax(torch.randn(n, k + 1, generator=g) * 3.0, -1)[:, :k]
+    lps = lps.sort(-1, descending=True).values.unsqueeze(0).to(cfg.device)
+    return logits, labels, ids, lps
+
+
+def _loss_step(variant, cfg: LossBench, logits, labels, ids, lps):
+    import torch
+    import torch.nn.functional as F
+
+    from moedistill.losses import distillation_loss
+
+    v, t, a = cfg.vocab, cfg.temperature, cfg.alpha
+    if variant == "ce":
+        loss = F.cross_entropy(logits.view(-1, v), labels.view(-1))
+    elif variant == "sparse":
+        loss = distillation_loss(
+            logits, labels, ids, lps, alpha=a, temperature=t, tail=cfg.tail, chunk_size=cfg.chunk_size
+        ).total
+    else:  # the seed: dense teacher rebuilt from the top-k, then F.kl_div
+        z = logits.view(-1, v)
+        teacher = torch.full_like(z, -1e4).scatter_(1, ids.view(-1, cfg.k), lps.view(-1, cfg.k).to(z.dtype))
+        kl = F.kl_div(F.log_softmax(z / t, -1), F.softmax(teacher / t, -1), reduction="batchmean") * t * t
+        loss = (1 - a) * F.cross_entropy(z, labels.view(-1)) + a * kl
+    loss.backward()
+    logits.grad = None
+
+
+def _sync(device):
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _loss_worker(variant: str, cfg_dict: dict) -> dict:
+    """In a fresh process: ``repeats`` rounds of ``variant`` and plain CE, timed alternately;
+    the first round also measures each one's peak memory."""
+    import torch
+
+    cfg = LossBench(**cfg_dict)
+    logits, labels, ids, lps = _loss_inputs(cfg)
+    logits.requires_grad_(True)
+    held = sum(t.numel() * t.element_size() for t in (logits, labels, ids, lps))
+    peaks, times = {}, {}
+    for name in dict.fromkeys([variant, "ce"]):  # round 1 also measures peak memory
+        with peak_memory(cfg.device) as mem:
+            t0 = time.perf_counter()
+            _loss_step(name, cfg, logits, labels, ids, lps)
+            _sync(cfg.device)
+            times[name] = [time.perf_counter() - t0]
+        peaks[name] = mem["peak"]
+    for _ in range(cfg.repeats - 1):
+        for name in peaks:
+            _sync(cfg.device)
+            t0 = time.perf_counter()
+            _loss_step(name, cfg, logits, labels, ids, lps)
+            _sync(cfg.device)
+            times[name].append(time.perf_counter() - t0)
+    return {
+        "positions": cfg.positions,
+        "peak": peaks[variant],
+        "ce_peak": peaks["ce"],
+        "method": mem["method"],
+        "held": held,
+        "times": times[variant],
+        "ce_times": times["ce"],
+        "threads": torch.get_num_threads(),
+    }
+
+
+# Memory of a variant's process in units of the fp32 logits: the inputs (1x) plus the
+# larger of its own peak and CE's (measured: CE ~2.8x, ours ~1.0x, the seed's dense ~5.6x).
+# Used only to pick a size that fits.
+_NEED = {"ce": 4.0, "sparse": 4.0, "dense": 7.0}
+
+
+def _fits(variant, positions, cfg: LossBench):
+    avail = mem_available()
+    if cfg.device != "cpu" or avail is None:
+        return True
+    return _NEED[variant] * positions * cfg.vocab * 4 < 0.8 * avail
+
+
+def loss_section(args):
+    cfg = LossBench(
+        positions=args.positions,
+        vocab=args.vocab,
+        k=args.k,
+        alpha=args.alpha,
+        temperature=args.temperature,
+        tail=args.tail,
+        chunk_size=args.chunk_size,
+        dtype=args.dtype,
+        repeats=args.repeats,
+        device=args.device,
+    )
+    elem = {"float32": 4, "bfloat16": 2, "float16": 2}[cfg.dtype]
+    print(
+        f"loss fwd+bwd: {cfg.positions} positions x V={cfg.vocab}, k={cfg.k}, {cfg.dtype} logits "
+        f"({_gb(cfg.positions * cfg.vocab * elem)} GB), alpha={cfg.alpha}, T={cfg.temperature}, tail={cfg.tail}, "
+        f"chunk_size={cfg.chunk_size}, device={cfg.device}, {args.repeats} timed rounds"
+    )
+    results = {}
+    # (a) is measured inside the other variants' processes; alone only if nothing else runs
+    todo = [v for v in LOSS_VARIANTS if v != "ce" and v not in args.skip] or ["ce"]
+    for variant in todo:
+        n = cfg.positions
+        while n > 64 and not _fits(variant, n, cfg):
+            n //= 2  # ratios are per position; a smaller run still compares like with like
+        if not _fits(variant, n, cfg):
+            print(f"skip {LOSS_VARIANTS[variant]}: not enough free memory even at {n} positions")
+            continue
+        if n != cfg.positions:
+            print(f"  {LOSS_VARIANTS[variant]}: too big for the free memory, measured at {n} positions")
+        t0 = time.perf_counter()
+        run_cfg = replace(cfg, positions=n, repeats=args.dense_repeats if variant == "dense" else cfg.repeats)
+        results[variant] = run_in_fresh_process(_loss_worker, variant, asdict(run_cfg))
+        print(f"  {LOSS_VARIANTS[variant]} done in {time.perf_counter() - t0:.0f} s", flush=True)
+    rows = []
+    if "ce" not in results and results:
+        first = next(iter(results.values()))
+        results = {"ce": {**first, "peak": first["ce_peak"], "times": first["ce_times"]}, **results}
+    for variant, r in results.items():
+        t_med, t_ce = median(r["times"]), median(r["ce_times"])
+        total, ce_total = r["peak"] + r["held"], r["ce_peak"] + r["held"]
+        rows.append(
+            [
+                LOSS_VARIANTS[variant],
+                r["positions"],
+                f"{t_med:.2f}",
+                f"{t_ce:.2f}",
+                f"{t_med / t_ce:.2f}x",
+                _gb(r["peak"]),
+                _gb(r["ce_peak"]),
+                f"{r['peak'] / r['ce_peak']:.2f}x",
+                f"{total / ce_total:.2f}x",
+            ]
+        )
+    print_table(
+        "forward+backward of the loss, ratios to (a) plain CE measured in the same process",
+        ["variant", "positions", "time s", "CE s", "time/CE", "peak GB", "CE peak GB", "peak/CE", "incl. inputs/CE"],
+        rows,
+    )
+    if results:
+        r = next(iter(results.values()))
+        rounds = f"{cfg.repeats}" + (f" ({args.dense_repeats} for (c))" if "dense" in results else "")
+        print(
+            f"time: median of {rounds}, alternating with plain CE; peak: above the inputs "
+            f"({r['method']}), 'incl. inputs' also counts the logits and targets; {r['threads']} threads."
+        )
+    return results
+
+
+# --------------------------------------------------------------------------- main
+
+# name -> function(args); a section adds its own flags in _add_flags below.
+SECTIONS = {"loss": loss_section}
+
+
+def _add_flags(p: argparse.ArgumentParser):
+    g = p.add_argument_group("loss section")
+    g.add_argument("--positions", type=int, default=4096)
+    g.add_argument("--vocab", type=int, default=151_936)
+    g.add_argument("--k", type=int, default=64)
+    g.add_argument("--alpha", type=float, default=0.5)
+    g.add_argument("--temperature", type=float, default=2.0)
+    g.add_argument("--tail", default="renormalize", choices=["renormalize", "tail"])
+    g.add_argument("--chunk-size", type=int, default=1024)
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    g.add_argument("--dense-repeats", type=int, default=1, help="timed rounds of (c); one takes ~1 min on 2 cores")
+    g.add_argument("--skip", nargs="*", default=[], choices=list(LOSS_VARIANTS), help="variants to leave out")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--section", default="all", choices=["all", *SECTIONS])
+    p.add_argument("--repeats", type=int, default=3, help="timed rounds per variant (median)")
+    p.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
+    _add_flags(p)
+    args = p.parse_args(argv)
+    for name, section in SECTIONS.items():
+        if args.section in ("all", name):
+            section(args)
+
+
+def _cuda_available():
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    main()
