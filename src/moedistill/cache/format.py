@@ -18,13 +18,13 @@ Every JSON and HDF5 file is written to a temporary name and ``os.replace``d.
 Inside a shard (and a part) with n rows, seq_len L and width W (docs/CACHE_FORMAT.md)::
 
     input_ids      uint32 [n, L]
-    target_ids     uint32 [n, L, W]
-    target_deltas  uint16 [n, L, W]      log-probs, see moedistill.cache.encode
-    target_counts  uint8|uint16 [n, L, W] (sample mode only)
+    target_ids     uint32 [n, W, L]       rank-major: [i, j, t] is rank j at position t
+    target_deltas  uint16 [n, W, L]       log-probs, see moedistill.cache.encode
+    target_counts  uint8|uint16 [n, W, L] (sample mode only)
 
 each chunked by row (one sequence per chunk, so a reader touches one chunk per dataset),
-filtered by byte-shuffle + compressor + fletcher32; the encoding parameters are shard
-attributes.
+filtered by (byte- or bit-) shuffle + compressor + fletcher32; the encoding parameters
+are shard attributes.
 """
 
 from __future__ import annotations
@@ -158,22 +158,23 @@ def _h5py():
 
 
 def _dataset_specs(attrs: dict) -> dict:
-    """name -> (dtype, per-row shape) of every dataset a shard holds."""
+    """name -> (dtype, per-row shape) of every dataset a shard holds. Target arrays are
+    rank-major on disk, ``[W, L]`` per row, so each rank's similar values sit together."""
     L, W = int(attrs["seq_len"]), int(attrs["width"])
     specs = {
         "input_ids": (encode.ID_DTYPE, (L,)),
-        "target_ids": (encode.ID_DTYPE, (L, W)),
-        "target_deltas": (encode.DELTA_DTYPE, (L, W)),
+        "target_ids": (encode.ID_DTYPE, (W, L)),
+        "target_deltas": (encode.DELTA_DTYPE, (W, L)),
     }
     if attrs["mode"] == "sample":
-        specs["target_counts"] = (encode.count_dtype(int(attrs["num_samples"])), (L, W))
+        specs["target_counts"] = (encode.count_dtype(int(attrs["num_samples"])), (W, L))
     return specs
 
 
 def _create_datasets(f, attrs: dict, rows: int) -> dict:
-    kw = encode.compression_kwargs(attrs["codec"], int(attrs["codec_level"]))
     out = {}
     for name, (dtype, row_shape) in _dataset_specs(attrs).items():
+        kw = encode.compression_kwargs(name, attrs["codec"], int(attrs["codec_level"]))
         out[name] = f.create_dataset(name, shape=(rows, *row_shape), dtype=dtype, chunks=(1, *row_shape), **kw)
     for k, v in attrs.items():
         if v is not None:
@@ -182,7 +183,10 @@ def _create_datasets(f, attrs: dict, rows: int) -> dict:
 
 
 def write_part(path: Path, arrays: dict, attrs: dict) -> None:
-    """Write one finished batch as a whole file: ``<path>.tmp`` -> fsync -> rename."""
+    """Write one finished batch as a whole file: ``<path>.tmp`` -> fsync -> rename.
+
+    ``arrays``: ``input_ids`` [n, L] and the target arrays in their logical ``[n, L, W]``
+    shape (transposed to the rank-major disk layout here)."""
     h5py = _h5py()
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -190,7 +194,8 @@ def write_part(path: Path, arrays: dict, attrs: dict) -> None:
     with h5py.File(tmp, "w") as f:
         ds = _create_datasets(f, attrs, rows)
         for name, d in ds.items():
-            d[...] = arrays[name]
+            a = arrays[name]
+            d[...] = np.swapaxes(a, 1, 2) if name in TARGET_DATASETS else a
     fsync_path(tmp)
     os.replace(tmp, path)
 
@@ -469,11 +474,9 @@ class TeacherCache:
                 f"cache shard {self._files[j]}: rows {lo}..{hi} cannot be read ({str(e).splitlines()[0]}); "
                 f"the file is corrupted, regenerate the cache"
             ) from None
-        K = self.k
-        ids, lp, counts = encode.decode_targets(
-            raw["target_ids"][..., :K], raw["target_deltas"][..., :K], self.steps[:K],
-            raw["target_counts"][..., :K] if "target_counts" in raw else None,
-        )
+        K = self.k  # disk: [rows, W, L] rank-major -> [rows, L, K]
+        t = {name: np.swapaxes(raw[name][:, :K], 1, 2) for name in TARGET_DATASETS if name in raw}
+        ids, lp, counts = encode.decode_targets(t["target_ids"], t["target_deltas"], self.steps[:K], t.get("target_counts"))
         out = {"input_ids": raw["input_ids"].astype(np.int64), "target_ids": ids, "target_logprobs": lp}
         if counts is not None:
             out["target_counts"] = counts
@@ -656,8 +659,8 @@ def inspect_cache(path, verify: bool = False) -> dict:
     steps = enc["logprob_steps"]
     lines.append((
         "encoding",
-        f"ids uint32, log-probs uint16 deltas (steps {_frac(min(steps))}..{_frac(max(steps))} nat), "
-        f"shuffle+{enc['codec']}({enc['level']})+fletcher32",
+        f"rank-major; ids uint32 byte-shuffle, log-probs uint16 deltas (steps {_frac(min(steps))}.."
+        f"{_frac(max(steps))} nat) bit-shuffle; {enc['codec']}({enc['level']}) + fletcher32",
     ))
     width = max(len(k) for k, _ in lines)
     for k, v in lines:

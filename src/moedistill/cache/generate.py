@@ -32,9 +32,10 @@ from moedistill.cache import encode
 from moedistill.cache import format as fmt
 from moedistill.errors import UserError
 
-# float32 elements of one [rows, V] chunk of logits processed at once (256 MiB):
-# bounds the memory of the log-softmax/top-k/sampling step whatever B, L and V are.
-CHUNK_ELEMENTS = 1 << 26
+# float32 elements of one [rows, V] chunk of logits processed at once: bounds the memory
+# of the softmax/top-k/sampling step whatever B, L and V are (256 MiB on a GPU), and on a
+# CPU keeps a chunk in cache (2 MiB) so that the passes over it do not go to memory.
+CHUNK_ELEMENTS = {"cuda": 1 << 26, "cpu": 1 << 19}
 QUEUE_BATCHES = 4  # finished batches waiting for the writer thread
 _KILL_ENV = "MOEDISTILL_TEST_KILL_AFTER_PARTS"  # tests: SIGKILL this process after N parts are committed
 
@@ -241,8 +242,9 @@ def _identity(packed, *, vocab_size, teacher_fp, mode, top_k, num_samples, batch
             "seq_len": int(packed.seq_len),
         },
         "encoding": {
-            "ids": "uint32",
-            "logprobs": "uint16 deltas: logprob = -cumsum(target_deltas * logprob_steps, axis=-1)",
+            "layout": "target_* datasets are rank-major [rows, W, L]",
+            "ids": "uint32, byte-shuffle",
+            "logprobs": "uint16 deltas, bit-shuffle: logprob = -cumsum(target_deltas.T * logprob_steps, axis=-1)",
             "logprob_steps": encode.logprob_steps(width).tolist(),
             "codec": encode.DEFAULT_CODEC,
             "level": encode.DEFAULT_LEVEL,
@@ -416,27 +418,36 @@ def _generate_rank(teacher, blocks, out, attrs, rank, start, end, batch_size, mo
         total=(end - start) * L, initial=(end - start - sum(e - s for s, e in todo)) * L, unit="tok",
         unit_scale=True, desc=f"teacher cache ({mode})", disable=not progress, dynamic_ncols=True,
     )
+    t_start = time.perf_counter()
+    timing = {"batches": len(todo), "tokens": sum(e - s for s, e in todo) * L, "forward_s": 0.0, "targets_s": 0.0}
     writer = _Writer(parts_dir, attrs, W, mode)
     writer.start()
     try:
         dev = _input_device(teacher)
         seqs_done = end - start - sum(e - s for s, e in todo)
-        for bi, (s, e) in enumerate(todo):
+        for s, e in todo:
             x = torch.from_numpy(np.ascontiguousarray(blocks[s:e])).long().to(dev)
-            job = batch_targets(teacher, x, mode=mode, width=W, seed=seed, first_index=s)
+            job = batch_targets(teacher, x, mode=mode, width=W, seed=seed, first_index=s, timing=timing)
             job.update(start=s, end=e, input_ids=blocks[s:e])
             writer.put(job)
             seqs_done += e - s
             bar.set_postfix_str(f"seq {seqs_done}/{end - start}", refresh=False)
             bar.update((e - s) * L)
     finally:
+        t_loop = time.perf_counter()
         writer.close()
         bar.close()
+    timing["writer_busy_s"] = writer.busy_s  # encoding + writing, overlapped with the teacher
+    timing["writer_drain_s"] = time.perf_counter() - t_loop  # what the teacher side waited at the end
     parts = [parts_dir / fmt.part_name(s, e) for s, e in batches]
     missing = [p.name for p in parts if not p.is_file()]
     if missing:  # pragma: no cover - the writer raised, or files were removed under us
         raise RuntimeError(f"parts missing after generation: {missing[:3]}")
+    t_merge = time.perf_counter()
     stats = fmt.merge_parts(parts, shard, dict(attrs, seq_start=start, seq_end=end, rank=rank))
+    checksum = fmt.file_checksum(shard)
+    timing["merge_s"] = time.perf_counter() - t_merge
+    timing["total_s"] = time.perf_counter() - t_start
     info = {
         "file": shard.name,
         "rank": rank,
@@ -444,8 +455,9 @@ def _generate_rank(teacher, blocks, out, attrs, rank, start, end, batch_size, mo
         "seq_end": end,
         "rows": end - start,
         "bytes": shard.stat().st_size,
-        "checksum": fmt.file_checksum(shard),
+        "checksum": checksum,
         "stats": stats,
+        "timing": {k: round(v, 4) if isinstance(v, float) else v for k, v in timing.items()},
     }
     fmt.atomic_write_json(info_path, info)
     for p in parts:
@@ -453,23 +465,43 @@ def _generate_rank(teacher, blocks, out, attrs, rank, start, end, batch_size, mo
 
 
 @torch.inference_mode()
-def batch_targets(teacher, input_ids: torch.Tensor, *, mode: str, width: int, seed: int = 0, first_index: int = 0) -> dict:
+def batch_targets(
+    teacher, input_ids: torch.Tensor, *, mode: str, width: int, seed: int = 0, first_index: int = 0,
+    timing: dict | None = None,
+) -> dict:
     """One teacher forward and its sparse targets, computed on the teacher's device.
 
     Args:
         input_ids: int64 ``[B, L]`` on the teacher's input device.
         mode: ``"topk"`` (``width`` = k) or ``"sample"`` (``width`` = N draws).
         first_index: global index of row 0 (seeds the per-sequence sampling generator).
+        timing: if given, ``timing["forward_s"]`` and ``timing["targets_s"]`` are increased
+            by the seconds of the forward and of the rest.
     Returns (numpy, CPU):
         ``ids`` int64 ``[B, L, W]``, ``logprobs`` float32 ``[B, L, W]`` sorted descending
         (log-softmax at T=1 over the full vocabulary), ``counts`` int64 ``[B, L, W]`` or
         None, and ``stats`` (sums of entropy / covered mass / distinct ids over positions).
     Raises UserError when the teacher's logits hold NaN or +inf.
     """
+    t0 = time.perf_counter()
     logits = teacher(input_ids=input_ids, use_cache=False).logits  # [B, L, V]
+    if timing is not None:
+        if logits.is_cuda:
+            torch.cuda.synchronize(logits.device)
+        t1 = time.perf_counter()
+        timing["forward_s"] = timing.get("forward_s", 0.0) + t1 - t0
+    out = sparse_targets(logits, mode=mode, width=width, seed=seed, first_index=first_index)
+    if timing is not None:
+        timing["targets_s"] = timing.get("targets_s", 0.0) + time.perf_counter() - t1
+    return out
+
+
+def sparse_targets(logits: torch.Tensor, *, mode: str, width: int, seed: int = 0, first_index: int = 0) -> dict:
+    """Sparse targets of teacher ``logits`` ``[B, L, V]`` (any float dtype, any device); see
+    :func:`batch_targets` for the arguments and the result."""
     B, L, V = logits.shape
-    rows = max(1, CHUNK_ELEMENTS // V)
     dev = logits.device
+    rows = max(1, CHUNK_ELEMENTS["cuda" if dev.type == "cuda" else "cpu"] // V)
     ids = torch.empty(B, L, width, dtype=torch.int64, device=dev)
     lps = torch.empty(B, L, width, dtype=torch.float32, device=dev)
     counts = torch.empty(B, L, width, dtype=torch.int64, device=dev) if mode == "sample" else None
@@ -479,28 +511,29 @@ def batch_targets(teacher, input_ids: torch.Tensor, *, mode: str, width: int, se
         flat = logits.reshape(B * L, V)
         for r0 in range(0, B * L, rows):
             z = flat[r0 : r0 + rows].float()
-            lse = torch.logsumexp(z, -1)
             vals, idx = torch.topk(z, width, dim=-1, sorted=True)
             p = torch.softmax(z, -1)
+            lse, ent = _lse_entropy(z, p, vals[:, 0], idx[:, 0])
             ids.view(B * L, width)[r0 : r0 + rows] = idx
             lps.view(B * L, width)[r0 : r0 + rows] = vals - lse[:, None]
             lse_all.view(-1)[r0 : r0 + rows] = lse
-            ent_all.view(-1)[r0 : r0 + rows] = lse - torch.linalg.vecdot(p, z)
+            ent_all.view(-1)[r0 : r0 + rows] = ent
     else:
         for b in range(B):
             gen = torch.Generator(device=dev)
             gen.manual_seed(sequence_seed(seed, first_index + b))
             for t0 in range(0, L, rows):
                 z = logits[b, t0 : t0 + rows].float()
-                lse = torch.logsumexp(z, -1)
+                top, arg = z.max(-1)
                 p = torch.softmax(z, -1)
+                lse, ent = _lse_entropy(z, p, top, arg)
                 # torch.multinomial rejects NaN/inf/negative rows: check before it sees them
                 if not torch.isfinite(lse).all():
                     _raise_bad_logits(first_index, B)
                 u, c, lp = _distinct_draws(z, p, lse, width, gen)
                 ids[b, t0 : t0 + rows], counts[b, t0 : t0 + rows], lps[b, t0 : t0 + rows] = u, c, lp
                 lse_all[b, t0 : t0 + rows] = lse
-                ent_all[b, t0 : t0 + rows] = lse - torch.linalg.vecdot(p, z)
+                ent_all[b, t0 : t0 + rows] = ent
     if not torch.isfinite(lse_all).all():
         _raise_bad_logits(first_index, B)
     valid = counts > 0 if counts is not None else None
@@ -519,6 +552,19 @@ def batch_targets(teacher, input_ids: torch.Tensor, *, mode: str, width: int, se
         "counts": counts.cpu().numpy() if counts is not None else None,
         "stats": stats,
     }
+
+
+def _lse_entropy(z, p, top, arg):
+    """Log-normaliser and entropy of rows of logits ``z`` [R, V] from their softmax ``p``.
+
+    ``lse = z_max - log p_max`` reuses the softmax instead of a separate logsumexp pass
+    (exact to float32 rounding: p_max >= 1/V never underflows), and ``H = lse - <p, z>``
+    is one batched dot product. On a CPU, where these passes over [R, V] cost as much as
+    the tiny teacher's forward, this halves the post-processing time.
+    """
+    lse = top - p.gather(1, arg[:, None]).squeeze(1).log()
+    ent = lse - torch.bmm(p.unsqueeze(1), z.unsqueeze(2)).view(-1)
+    return lse, ent
 
 
 def _raise_bad_logits(first_index: int, B: int):
@@ -563,6 +609,7 @@ class _Writer(threading.Thread):
         self.steps = encode.logprob_steps(width)
         self.error: BaseException | None = None
         self.committed = 0
+        self.busy_s = 0.0
         self.kill_after = int(os.environ.get(_KILL_ENV, "0") or 0)
 
     def run(self):
@@ -572,10 +619,12 @@ class _Writer(threading.Thread):
                 return
             if self.error is not None:
                 continue  # drain so that put() never blocks on a dead writer
+            t = time.perf_counter()
             try:
                 self._write(job)
             except BaseException as e:  # noqa: BLE001 - re-raised in the teacher's thread
                 self.error = e
+            self.busy_s += time.perf_counter() - t
 
     def _write(self, job):
         arrays = {"input_ids": job["input_ids"].astype(encode.ID_DTYPE)}
@@ -613,7 +662,7 @@ def _finalize(out: Path, identity: dict, ranges, packed) -> None:
             raise RuntimeError(f"rank {r} left no {info_path.name}; its generation failed")
         info = fmt.read_json(info_path)
         fmt.add_stats(total, info["stats"])
-        shards.append({k: info[k] for k in ("file", "rank", "seq_start", "seq_end", "rows", "bytes", "checksum")})
+        shards.append({k: info.get(k) for k in ("file", "rank", "seq_start", "seq_end", "rows", "bytes", "checksum", "timing")})
     manifest = dict(identity, shards=shards, source=packed.source, created=_now(), world_size=len(ranges))
     summary = fmt.summarise_stats(total)
     manifest["stats"] = summary

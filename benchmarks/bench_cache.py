@@ -1,0 +1,354 @@
+#!/usr/bin/env python
+"""Teacher-cache benchmark: size, accuracy and speed of our cache against the seed's layout.
+
+    python benchmarks/bench_cache.py            # ~2-4 minutes on 2 CPU cores
+    python benchmarks/bench_cache.py --quick    # smaller samples, for a smoke run
+
+Prints four tables:
+
+1. bytes/token at k=64 -- the seed's layout (float16 log-probs + int32 ids + gzip, chunked
+   per sequence, input_ids int32 + gzip) against ours (docs/CACHE_FORMAT.md), whole files
+   on disk, on (a) the embedded tiny teacher's real outputs (V=4096) and (b) a synthetic
+   Zipf-like distribution over V=151,936 (ids drawn by a Zipf unigram, as frequent BPE
+   tokens have small ids, plus per-position noise and a few context-boosted ids), and (c)
+   the same synthetic with ids shuffled uniformly over the vocabulary -- a worst case for
+   any id coding, shown for honesty.
+2. mean |ΔKL| per position that each layout introduces against exact float32 top-k, for
+   the distillation KL(q_T || p_T) with a student p = teacher logits + N(0, 1) noise
+   (renormalize at T=1 and T=2, tail bucket at T=1), and KL(q || q_decoded).
+3. generation wall time over teacher-forward-only wall time (same batches, same process,
+   alternated, best of 3 each).
+4. reader tokens/s with 0 and 2 DataLoader workers against the tokens/s one optimizer step
+   of the tiny student (same size as the tiny teacher) consumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+K = 64
+V_BIG = 151_936
+
+
+# --------------------------------------------------------------------------- data
+
+
+def synthetic(n_tokens: int, vocab: int, *, seed: int = 0, chunk: int = 256):
+    """Zipf-like teacher distributions over ``vocab`` ids.
+
+    Logits = Zipf unigram over ids (id 0 most frequent, as frequent BPE tokens have small
+    ids) + N(0, 2.5^2) per-position noise + 8 context-boosted ids per position. Returns
+    exact float32 top-k ``ids`` [n, K] and ``lp`` [n, K], the student's full-vocabulary
+    log-probs at those ids at T=1 and T=2 (``s1``, ``s2``) and the mean entropy.
+    """
+    g = torch.Generator().manual_seed(seed)
+    base = -torch.log(torch.arange(1, vocab + 1, dtype=torch.float32))
+    out = {"ids": [], "lp": [], "s1": [], "s2": []}
+    ent = []
+    for s in range(0, n_tokens, chunk):
+        b = min(chunk, n_tokens - s)
+        z = base + 2.5 * torch.randn(b, vocab, generator=g)
+        z.scatter_add_(1, torch.randint(0, vocab, (b, 8), generator=g), 4 + 12 * torch.rand(b, 8, generator=g))
+        _collect(out, ent, z, g)
+    return {k: torch.cat(v).numpy() for k, v in out.items()} | {"entropy": float(torch.cat(ent).mean())}
+
+
+def shuffle_ids(d: dict, vocab: int, seed: int = 1) -> dict:
+    """The same distributions with ids relabelled by a random permutation of the vocabulary:
+    ids carry no frequency structure any more (a worst case for id coding)."""
+    perm = np.random.default_rng(seed).permutation(vocab)
+    return dict(d, ids=perm[d["ids"]])
+
+
+def _collect(out, ent, z, g):
+    lse = torch.logsumexp(z, -1, keepdim=True)
+    vals, ids = torch.topk(z, K, -1)
+    student = z + torch.randn(z.shape, generator=g)
+    out["ids"].append(ids)
+    out["lp"].append(vals - lse)
+    out["s1"].append(student.gather(1, ids) - torch.logsumexp(student, -1, keepdim=True))
+    out["s2"].append(student.gather(1, ids) / 2 - torch.logsumexp(student / 2, -1, keepdim=True))
+    ent.append(lse.squeeze(1) - (torch.softmax(z, -1) * z).sum(-1))
+
+
+def tiny_teacher_outputs(model, blocks, batch: int = 16):
+    g = torch.Generator().manual_seed(0)
+    out = {"ids": [], "lp": [], "s1": [], "s2": []}
+    ent = []
+    with torch.inference_mode():
+        for s in range(0, len(blocks), batch):
+            z = model(input_ids=torch.from_numpy(blocks[s : s + batch]).long(), use_cache=False).logits.float()
+            _collect(out, ent, z.reshape(-1, z.shape[-1]), g)
+    return {k: torch.cat(v).numpy() for k, v in out.items()} | {"entropy": float(torch.cat(ent).mean())}
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+def write_seed(path: Path, input_ids: np.ndarray, ids: np.ndarray, lp: np.ndarray) -> np.ndarray:
+    """The seed's layout: float16 values + int32 indices + gzip. Returns the values it stores."""
+    import h5py
+
+    n, L = input_ids.shape
+    with h5py.File(path, "w") as f:
+        f.create_dataset("input_ids", data=input_ids.astype(np.int32), compression="gzip", chunks=(1, L))
+        f.create_dataset("indices", data=ids.reshape(n, L, K).astype(np.int32), compression="gzip", chunks=(1, L, K))
+        f.create_dataset("values", data=lp.reshape(n, L, K).astype(np.float16), compression="gzip", chunks=(1, L, K))
+    return lp.astype(np.float16).astype(np.float32)
+
+
+def write_ours(path: Path, input_ids: np.ndarray, ids: np.ndarray, lp: np.ndarray, codec="zstd", level=None) -> np.ndarray:
+    """Our layout through the cache's own encoder and part writer. Returns the decoded values."""
+    from moedistill.cache import encode
+    from moedistill.cache import format as fmt
+
+    n, L = input_ids.shape
+    steps = encode.logprob_steps(K)
+    arrays = {"input_ids": input_ids.astype(encode.ID_DTYPE)}
+    arrays.update(encode.encode_targets(ids.reshape(n, L, K), lp.reshape(n, L, K), steps))
+    attrs = {
+        "format_version": encode.FORMAT_VERSION, "mode": "topk", "width": K, "top_k": K, "vocab_size": 0,
+        "seq_len": L, "logprob_steps": steps, "codec": codec,
+        "codec_level": level if level is not None else encode.DEFAULT_LEVEL, "seq_start": 0, "seq_end": n,
+    }
+    fmt.write_part(path, arrays, attrs)
+    return encode.decode_logprobs(arrays["target_deltas"], steps).reshape(-1, K)
+
+
+def storage(path: Path) -> dict:
+    import h5py
+
+    try:
+        import hdf5plugin  # noqa: F401
+    except ImportError:
+        pass
+    with h5py.File(path, "r") as f:
+        return {name: f[name].id.get_storage_size() for name in f}
+
+
+# --------------------------------------------------------------------------- accuracy
+
+
+def delta_kl(d: dict, lp_dec: np.ndarray) -> dict:
+    """Mean over positions of |KL(q_dec || p) - KL(q || p)| for three loss variants, and KL(q || q_dec)."""
+    lp = torch.tensor(d["lp"], dtype=torch.float64)
+    dec = torch.tensor(lp_dec, dtype=torch.float64)
+    s1, s2 = (torch.tensor(d[k], dtype=torch.float64) for k in ("s1", "s2"))
+
+    def renorm(teacher_lp, student_lp, T):
+        q = torch.log_softmax(teacher_lp / T, -1)
+        return (q.exp() * (q - student_lp)).sum(-1)  # student_lp: full-vocabulary log p_T at the ids
+
+    def tail(teacher_lp, student_lp):
+        q_tail = (1 - teacher_lp.exp().sum(-1)).clamp(min=1e-12)
+        p_tail = (1 - student_lp.exp().sum(-1)).clamp(min=1e-12)
+        return (teacher_lp.exp() * (teacher_lp - student_lp)).sum(-1) + q_tail * (q_tail.log() - p_tail.log())
+
+    q, qd = torch.log_softmax(lp, -1), torch.log_softmax(dec, -1)
+    return {
+        "renorm T=1": (renorm(dec, s1, 1) - renorm(lp, s1, 1)).abs().mean().item(),
+        "renorm T=2": (renorm(dec, s2, 2) - renorm(lp, s2, 2)).abs().mean().item(),
+        "tail T=1": (tail(dec, s1) - tail(lp, s1)).abs().mean().item(),
+        "KL(q||q_dec)": (q.exp() * (q - qd)).sum(-1).mean().item(),
+        "max |err|": float(np.abs(lp_dec - d["lp"]).max()),
+    }
+
+
+# --------------------------------------------------------------------------- speed
+
+
+def generation_ratio(model, tok, packed, batch: int, workdir: Path, repeats: int = 3) -> dict:
+    """Wall seconds of the teacher forward alone and of the whole generation (forward, top-k,
+    encode, write, merge, checksum, manifest).
+
+    Two measurements, because other processes on a shared machine make single timings
+    noisy: (a) the generation's own record of its forward time (``timing`` in the manifest:
+    the same batches in the same run) against its total wall time, best of ``repeats``;
+    (b) forward-only passes alternated with generation runs, best of ``repeats`` each.
+    """
+    import json
+
+    from moedistill.cache import generate_cache
+
+    def forward_only():
+        t = time.perf_counter()
+        with torch.inference_mode():
+            for s in range(0, len(packed.blocks), batch):
+                model(input_ids=torch.from_numpy(packed.blocks[s : s + batch]).long(), use_cache=False).logits
+        return time.perf_counter() - t
+
+    forward_only()  # warm-up
+    fwd, runs = [], []
+    for _ in range(repeats):
+        fwd.append(forward_only())
+        t = time.perf_counter()
+        generate_cache(model, tok, packed, workdir / "gen", mode="topk", top_k=K, batch_size=batch,
+                       teacher_name="tiny", overwrite=True, progress=False)
+        wall = time.perf_counter() - t
+        timing = json.loads((workdir / "gen" / "manifest.json").read_text())["shards"][0]["timing"]
+        runs.append(dict(timing, wall_s=wall))
+    best = min(runs, key=lambda r: r["wall_s"] / r["forward_s"])
+    return {"forward_alone_s": min(fwd), "generation_s": min(r["wall_s"] for r in runs), "best_run": best}
+
+
+def reader_speed(path: Path, workers: int, batch: int, epochs: int) -> float:
+    from torch.utils.data import DataLoader
+
+    from moedistill.cache import open_cache
+
+    ds = open_cache(path)
+    dl = DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers, persistent_workers=workers > 0)
+    for _ in dl:  # warm-up epoch (starts the workers)
+        pass
+    t = time.perf_counter()
+    n = 0
+    for _ in range(epochs):
+        for b in dl:
+            n += b["input_ids"].numel()
+    return n / (time.perf_counter() - t)
+
+
+def training_consumption(model, path: Path, batch: int, steps: int = 4) -> float:
+    """Tokens/s of full optimizer steps (forward, KD loss, backward, AdamW) of a tiny student."""
+    import copy
+
+    from torch.utils.data import DataLoader
+
+    from moedistill.cache import open_cache
+    from moedistill.losses import distillation_loss
+
+    student = copy.deepcopy(model).train()
+    for p in student.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    dl = DataLoader(open_cache(path), batch_size=batch, shuffle=True, drop_last=True)
+    batches = []
+    while len(batches) < steps + 1:
+        batches += list(dl)
+    batches = batches[: steps + 1]
+    times = []
+    for b in batches:
+        t = time.perf_counter()
+        logits = student(input_ids=b["input_ids"]).logits
+        out = distillation_loss(logits, b["labels"], b["target_ids"], b["target_logprobs"], alpha=0.5, temperature=2.0)
+        out.total.backward()
+        opt.step()
+        opt.zero_grad()
+        times.append(time.perf_counter() - t)
+    return batch * batches[0]["input_ids"].shape[1] / float(np.median(times[1:]))
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smaller samples (a smoke run, noisier numbers)")
+    ap.add_argument("--teacher", default="tiny", help="teacher for the real-output rows and the speed tables")
+    args = ap.parse_args(argv)
+    from moedistill.data import prepare
+    from moedistill.models import get_model
+
+    t_start = time.time()
+    n_syn = 1024 if args.quick else 4096
+    n_seq = 16 if args.quick else 64
+    L = 128
+    work = Path(tempfile.mkdtemp(prefix="bench_cache_"))
+    try:
+        model, tok = get_model(args.teacher, dtype="float32")
+        packed = prepare(tok, "tiny", seq_len=L, max_samples=400, max_sequences=n_seq)
+        datasets = {"tiny teacher (V=4,096)": (tiny_teacher_outputs(model, packed.blocks), packed.blocks)}
+        t0 = time.time()
+        d = synthetic(n_syn, V_BIG)
+        datasets[f"Zipf-like synthetic (V={V_BIG:,})"] = (d, d["ids"][:, 0].reshape(-1, L))  # "text": top-1 tokens
+        u = shuffle_ids(d, V_BIG)
+        datasets["  same, ids uniform (worst case)"] = (u, u["ids"][:, 0].reshape(-1, L))
+        print(f"[data: {time.time() - t0:.0f} s]", file=sys.stderr)
+
+        t0 = time.time()
+        size_rows, kl_rows = [], []
+        for name, (d, input_ids) in datasets.items():
+            n_tok = input_ids.size
+            seed_vals = write_seed(work / "seed.h5", input_ids, d["ids"], d["lp"])
+            ours_vals = write_ours(work / "ours.h5", input_ids, d["ids"], d["lp"])
+            write_ours(work / "ours_gzip.h5", input_ids, d["ids"], d["lp"], codec="gzip", level=6)
+            b_seed = (work / "seed.h5").stat().st_size / n_tok
+            b_ours = (work / "ours.h5").stat().st_size / n_tok
+            b_gzip = (work / "ours_gzip.h5").stat().st_size / n_tok
+            ss, so = storage(work / "seed.h5"), storage(work / "ours.h5")
+            mass = float(np.exp(d["lp"]).sum(-1).mean())
+            size_rows.append((
+                name, f"{d['entropy']:.2f}", f"{mass:.3f}", f"{b_seed:.1f}", f"{b_ours:.1f}", f"{b_ours / b_seed:.3f}",
+                f"{b_gzip / b_seed:.3f}", f"{ss['indices'] / n_tok:.0f} / {so['target_ids'] / n_tok:.0f}",
+                f"{ss['values'] / n_tok:.0f} / {so['target_deltas'] / n_tok:.0f}",
+            ))
+            ko, ks = delta_kl(d, ours_vals), delta_kl(d, seed_vals)
+            for layout, kd in (("ours", ko), ("seed fp16", ks)):
+                kl_rows.append((name, layout, *(f"{v:.2e}" if k != "max |err|" else f"{v:.4f}" for k, v in kd.items())))
+
+        print(f"\n## 1. bytes/token at k={K} (whole HDF5 files; seed = float16 log-probs + int32 ids + gzip)\n")
+        _table(["data", "entropy", "top-64 mass", "seed B/tok", "ours B/tok", "ours/seed", "ours(gzip)/seed",
+                "ids B/tok seed/ours", "values B/tok seed/ours"], size_rows)
+        print(f"[sizes and KL: {time.time() - t0:.0f} s]", file=sys.stderr)
+        print("\n## 2. mean |ΔKL| per position vs exact float32 top-k (student = teacher + N(0,1) logit noise)\n")
+        _table(["data", "layout", "renorm T=1", "renorm T=2", "tail T=1", "KL(q||q_dec)", "max |err| nats"], kl_rows)
+
+        t0 = time.time()
+        repeats = 2 if args.quick else 3
+        g = generation_ratio(model, tok, packed, batch=16, workdir=work, repeats=repeats)
+        n_tok = packed.num_tokens
+        b = g["best_run"]
+        print(f"\n## 3. generation vs teacher forward (tiny teacher, {len(packed.blocks)} x {L} tokens, batch 16, "
+              f"torch threads {torch.get_num_threads()}, best of {repeats})\n")
+        _table(["measurement", "teacher forward", "generation", "ratio"], [
+            ("same run (forward timed inside the generation)", f"{b['forward_s']:.2f} s", f"{b['wall_s']:.2f} s",
+             f"{b['wall_s'] / b['forward_s']:.3f}"),
+            ("separate runs, alternated", f"{g['forward_alone_s']:.2f} s ({n_tok / g['forward_alone_s']:,.0f} tok/s)",
+             f"{g['generation_s']:.2f} s ({n_tok / g['generation_s']:,.0f} tok/s)",
+             f"{g['generation_s'] / g['forward_alone_s']:.3f}"),
+        ])
+        rest = b["wall_s"] - b["forward_s"] - b["targets_s"] - b["writer_drain_s"] - b["merge_s"]
+        print(f"\nwhere the same run's time went: forward {b['forward_s']:.2f} s, top-k/softmax/entropy on the "
+              f"logits {b['targets_s']:.2f} s, waiting for the writer at the end {b['writer_drain_s']:.2f} s, "
+              f"merge + checksum {b['merge_s']:.2f} s, setup/verify/manifest/queue {rest:.2f} s; the writer "
+              f"thread worked {b['writer_busy_s']:.2f} s alongside the teacher")
+        print(f"[generation: {time.time() - t0:.0f} s]", file=sys.stderr)
+
+        t0 = time.time()
+        cache = work / "gen"
+        epochs = 3 if args.quick else 8
+        r0 = reader_speed(cache, 0, 16, epochs)
+        r2 = reader_speed(cache, 2, 16, epochs)
+        train = training_consumption(model, cache, 16)
+        print("\n## 4. reader throughput vs training consumption (batch 16 x 128, shuffled)\n")
+        _table(["reader, 0 workers", "reader, 2 workers", "one training step consumes", "ratio 0 / 2 workers"],
+               [(f"{r0:,.0f} tok/s", f"{r2:,.0f} tok/s", f"{train:,.0f} tok/s", f"{r0 / train:.0f}x / {r2 / train:.0f}x")])
+        print(f"[reader and training: {time.time() - t0:.0f} s]", file=sys.stderr)
+        print(f"\n(total {time.time() - t_start:.0f} s; torch {torch.__version__}, {os.cpu_count()} CPUs)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _table(header, rows):
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda r: "| " + " | ".join(str(x).ljust(w) for x, w in zip(r, widths)) + " |"  # noqa: E731
+    print(line(header))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        print(line(r))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
