@@ -98,3 +98,10 @@ def test_embedded_corpus_loads_both_splits():
     val = load_texts("tiny", split="validation")
     assert len(train) > 1000 and len(val) >= 50
     assert not set(val) & set(train)
+
+
+def test_max_sequences_equals_truncating_the_full_packing(tiny_tokenizer):
+    full = prepare(tiny_tokenizer, "tiny", split="validation", seq_len=64)
+    part = prepare(tiny_tokenizer, "tiny", split="validation", seq_len=64, max_sequences=10)
+    np.testing.assert_array_equal(part.blocks, full.blocks[:10])
+    assert part.stream_hash == stream_hash(full.blocks[:10])

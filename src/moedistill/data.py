@@ -251,7 +251,17 @@ def prepare(
 ) -> PackedData:
     """Load, tokenise and pack; ``max_sequences`` keeps the first N blocks."""
     texts = load_texts(dataset, dataset_config=dataset_config, split=split, text_field=text_field, max_samples=max_samples)
-    blocks = pack(tokenize(texts, tokenizer), seq_len, eos_id_of(tokenizer))
+    if max_sequences is None:
+        token_lists = tokenize(texts, tokenizer)
+    else:  # tokenise only as many documents as the first max_sequences blocks need
+        need, have, token_lists = max_sequences * seq_len, 0, []
+        for i in range(0, len(texts), 256):
+            chunk = tokenize(texts[i : i + 256], tokenizer)
+            token_lists += chunk
+            have += sum(len(t) + 1 for t in chunk)
+            if have >= need:
+                break
+    blocks = pack(token_lists, seq_len, eos_id_of(tokenizer))
     if max_sequences is not None:
         blocks = blocks[:max_sequences]
     if len(blocks) == 0:
