@@ -142,7 +142,9 @@ def test_to_dense_rebuilds_teacher_distribution(topk_cache):
 # --------------------------------------------------------------------------- sample mode
 
 
-def test_sample_mode_items(sample_cache, teacher_logits):
+def test_sample_mode_items(sample_cache, teacher_logits, capsys):
+    assert inspect_cache(sample_cache, verify=True)["mean_distinct"] > 1
+    assert "sample (N=24 draws" in capsys.readouterr().out
     ds = open_cache(sample_cache)
     assert ds.mode == "sample" and 1 <= ds.k <= N_DRAWS
     ref_lp = torch.log_softmax(teacher_logits, -1)

@@ -175,7 +175,9 @@ def _create_datasets(f, attrs: dict, rows: int) -> dict:
     out = {}
     for name, (dtype, row_shape) in _dataset_specs(attrs).items():
         kw = encode.compression_kwargs(name, attrs["codec"], int(attrs["codec_level"]))
-        out[name] = f.create_dataset(name, shape=(rows, *row_shape), dtype=dtype, chunks=(1, *row_shape), **kw)
+        out[name] = f.create_dataset(
+            name, shape=(rows, *row_shape), maxshape=(None, *row_shape), dtype=dtype, chunks=(1, *row_shape), **kw
+        )  # maxshape: a rank may own no rows (more processes than batches)
     for k, v in attrs.items():
         if v is not None:
             f.attrs[k] = v
