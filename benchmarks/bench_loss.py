@@ -31,14 +31,22 @@ How it is measured (all variants in one run of this script):
   at the requested size it is measured at fewer positions (halving), against CE at the
   same size in the same process, since every cost here is linear in the positions.
 
-A later section (the training step with an online teacher vs the cache) plugs in
-through SECTIONS and reuses run_in_fresh_process / peak_memory / median / print_table.
+Section ``step``: one optimizer step of the tiny student (checkpoint-0 of the embedded
+teacher, the embedded default's batch 16 x 128) along the DistillationTrainer's path:
+  (a) CE only                     student forward + F.cross_entropy + backward + AdamW
+  (b) distill, cache              training_step on a batch carrying top-k targets
+  (c) distill, online teacher     training_step with the teacher computing full logits
+Each of (b), (c) runs in its own fresh process alternating with (a), as above; the
+teacher is not resident in (b)'s process. "with models" adds what the step holds
+throughout: the student's weights and gradients, the AdamW state, the batch and, for
+(c), the teacher. ``python benchmarks/bench_loss.py --section step``
 """
 
 from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import os
 import resource
 import statistics
 import sys
@@ -323,10 +331,193 @@ def loss_section(args):
     return results
 
 
+# --------------------------------------------------------------------------- section: step
+
+
+STEP_VARIANTS = {
+    "ce": "(a) CE only",
+    "cache": "(b) distill, cache",
+    "online": "(c) distill, online teacher",
+}
+
+
+@dataclass
+class StepBench:
+    batch_size: int
+    seq_len: int
+    k: int
+    rank: int
+    alpha: float
+    temperature: float
+    repeats: int
+    device: str
+
+
+def _step_worker(variant: str, cfg_dict: dict) -> dict:
+    """In a fresh process: one optimizer step of the tiny student, ``variant`` alternating
+    with a CE-only step (``repeats`` rounds each, after one warm-up round that creates the
+    optimizer state); the first timed round also measures each one's peak memory.
+
+    (a) CE only: student forward, F.cross_entropy, backward, AdamW step.
+    (b) cache: DistillationTrainer.training_step on a batch carrying top-k targets (the
+        teacher is not in the process while measuring), then the AdamW step.
+    (c) online: DistillationTrainer.training_step with the teacher beside the student,
+        computing its full logits under no_grad, then the AdamW step.
+    """
+    import gc
+
+    import torch
+    import torch.nn.functional as F
+    from transformers import TrainingArguments
+
+    from moedistill.compression import compress_model
+    from moedistill.config import LossConfig
+    from moedistill.data import prepare, shifted_labels
+    from moedistill.models import get_model
+    from moedistill.trainer import DistillationTrainer
+
+    cfg = StepBench(**cfg_dict)
+    torch.manual_seed(0)
+    teacher, tok = get_model("tiny", dtype="float32")
+    student = compress_model(teacher, rank=cfg.rank).to(cfg.device).train()
+    blocks = prepare(tok, "tiny", seq_len=cfg.seq_len, max_sequences=cfg.batch_size).blocks
+    ids = torch.as_tensor(blocks, dtype=torch.long)
+    batch = {"input_ids": ids, "labels": shifted_labels(ids)}
+    if variant == "cache":  # what the cache holds: top-k log-probs of the teacher at T=1
+        with torch.no_grad():
+            top = torch.log_softmax(teacher(input_ids=ids).logits.float(), -1).topk(cfg.k, -1)
+        batch |= {"target_ids": top.indices, "target_logprobs": top.values}
+        del teacher, top
+        teacher = None
+        gc.collect()
+    else:
+        teacher.to(cfg.device)
+    batch = {k: v.to(cfg.device) for k, v in batch.items()}
+    args = TrainingArguments(
+        output_dir="/tmp/moedistill-bench-step", use_cpu=cfg.device == "cpu", report_to=[], learning_rate=1e-5,
+        max_grad_norm=0.0,
+    )
+    loss = LossConfig(alpha=cfg.alpha, temperature=cfg.temperature)
+    trainer = DistillationTrainer(student, args, teacher=teacher if variant == "online" else None, loss=loss)
+    optimizer = trainer.create_optimizer()
+    n_items = batch["labels"].ne(-100).sum()
+
+    def step(name):
+        if name == "ce":
+            logits = student(input_ids=batch["input_ids"], use_cache=False).logits
+            F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), ignore_index=-100).backward()
+            del logits
+        else:
+            trainer.training_step(student, batch, n_items)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    names = list(dict.fromkeys([variant, "ce"]))
+    for name in names:  # warm-up: optimizer state, allocator, one-time setup
+        step(name)
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    held = {
+        "student": 2 * nbytes(student.parameters()),  # weights + gradients
+        "optimizer": nbytes(t for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t)),
+        "teacher": nbytes(teacher.parameters()) if teacher is not None else 0,
+        "batch": nbytes(batch.values()),
+    }
+    peaks, times = {}, {name: [] for name in names}
+    for name in names:
+        gc.collect()
+        with peak_memory(cfg.device) as mem:
+            t0 = time.perf_counter()
+            step(name)
+            _sync(cfg.device)
+            times[name].append(time.perf_counter() - t0)
+        peaks[name] = mem["peak"]
+    for _ in range(cfg.repeats - 1):
+        for name in names:
+            _sync(cfg.device)
+            t0 = time.perf_counter()
+            step(name)
+            _sync(cfg.device)
+            times[name].append(time.perf_counter() - t0)
+    return {
+        "peak": peaks[variant],
+        "ce_peak": peaks["ce"],
+        "held": held,
+        "method": mem["method"],
+        "times": times[variant],
+        "ce_times": times["ce"],
+        "threads": torch.get_num_threads(),
+    }
+
+
+def step_section(args):
+    cfg = StepBench(
+        batch_size=args.step_batch_size,
+        seq_len=args.step_seq_len,
+        k=args.k,
+        rank=args.step_rank,
+        alpha=args.alpha,
+        temperature=args.temperature,
+        repeats=max(args.repeats, args.step_repeats),
+        device=args.device,
+    )
+    print(
+        f"\ntraining step of the tiny student (checkpoint-0 of the embedded teacher, rank {cfg.rank}): "
+        f"batch {cfg.batch_size} x {cfg.seq_len}, k={cfg.k}, alpha={cfg.alpha}, T={cfg.temperature}, AdamW, "
+        f"device={cfg.device}, {cfg.repeats} timed rounds"
+    )
+    # glibc: mmap every allocation >= 64 KiB, so the small tensors of a tiny model leave the RSS
+    # when freed and each step's peak shows in VmHWM (the loss section's tensors are mmap'ed anyway)
+    old = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    try:
+        results = {}
+        for variant in ("cache", "online"):
+            t0 = time.perf_counter()
+            results[variant] = run_in_fresh_process(_step_worker, variant, asdict(cfg))
+            print(f"  {STEP_VARIANTS[variant]} done in {time.perf_counter() - t0:.0f} s", flush=True)
+    finally:
+        if old is None:
+            os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = old
+    first = results["cache"]
+    results = {"ce": {**first, "peak": first["ce_peak"], "times": first["ce_times"]}, **results}
+    rows = []
+    for variant, r in results.items():
+        t_med, t_ce = median(r["times"]), median(r["ce_times"])
+        held = sum(r["held"].values())
+        ce_total = r["ce_peak"] + sum(v for k, v in results["ce"]["held"].items() if k != "teacher")
+        total = r["peak"] + held - (r["held"]["teacher"] if variant == "ce" else 0)
+        rows.append(
+            [
+                STEP_VARIANTS[variant],
+                f"{t_med * 1e3:.0f}",
+                f"{t_ce * 1e3:.0f}",
+                f"{t_med / t_ce:.2f}x",
+                f"{r['peak'] / 2**20:.1f}",
+                f"{r['peak'] / r['ce_peak']:.2f}x",
+                f"{total / 2**20:.1f}",
+                f"{total / ce_total:.2f}x",
+            ]
+        )
+    print_table(
+        "one optimizer step, ratios to (a) CE only measured in the same process",
+        ["step", "time ms", "CE ms", "time/CE", "peak MiB", "peak/CE", "with models MiB", "with models/CE"],
+        rows,
+    )
+    r = results["online"]
+    print(
+        f"time: median of {cfg.repeats}, alternating with the CE step; peak: above what the step starts with "
+        f"({r['method']}); 'with models' adds the student's weights and gradients, AdamW state, the batch and, "
+        f"for (c), the teacher's weights ({r['held']['teacher'] / 2**20:.1f} MiB); {r['threads']} threads."
+    )
+    return results
+
+
 # --------------------------------------------------------------------------- main
 
 # name -> function(args); a section adds its own flags in _add_flags below.
-SECTIONS = {"loss": loss_section}
+SECTIONS = {"loss": loss_section, "step": step_section}
 
 
 def _add_flags(p: argparse.ArgumentParser):
@@ -341,6 +532,11 @@ def _add_flags(p: argparse.ArgumentParser):
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g.add_argument("--dense-repeats", type=int, default=1, help="timed rounds of (c); one takes ~1 min on 2 cores")
     g.add_argument("--skip", nargs="*", default=[], choices=list(LOSS_VARIANTS), help="variants to leave out")
+    g = p.add_argument_group("step section")
+    g.add_argument("--step-batch-size", type=int, default=16, help="the embedded default's batch")
+    g.add_argument("--step-seq-len", type=int, default=128)
+    g.add_argument("--step-rank", type=int, default=4, help="wrapper rank of the tiny student")
+    g.add_argument("--step-repeats", type=int, default=7, help="timed rounds of a training step (at least --repeats)")
 
 
 def main(argv=None):

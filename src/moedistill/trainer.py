@@ -137,16 +137,16 @@ class DistillationTrainer(Trainer):
         """Student (and, online, teacher) forward -> (student logits, router aux loss or None, teacher logits or None)."""
         input_ids = inputs["input_ids"]
         attention_mask = inputs.get("attention_mask")
-        outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         teacher_logits = None
-        if self.teacher is not None:
+        if self.teacher is not None:  # first: its activations are gone before the student's are kept
             dev = self.teacher.device
             with torch.no_grad():
                 teacher_logits = self.teacher(
                     input_ids=input_ids.to(dev),
                     attention_mask=None if attention_mask is None else attention_mask.to(dev),
                     use_cache=False,
-                ).logits.to(outputs.logits.device)
+                ).logits.to(input_ids.device)
+        outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return outputs.logits, getattr(outputs, "aux_loss", None), teacher_logits
 
     def _distill(self, logits, inputs, teacher_logits, *, alpha, temperature, tail, num_items_in_batch):
