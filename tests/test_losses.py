@@ -302,6 +302,36 @@ def test_chunked_equals_unchunked(tail):
         torch.testing.assert_close(g, grad, rtol=1e-6, atol=1e-8)
 
 
+def test_cpu_chunk_cap_and_non_contiguous_logits(monkeypatch):
+    import moedistill.losses as losses
+
+    logits, labels, ids, lps, _ = make_batch(seed=18)
+    kw = dict(alpha=0.5, temperature=2.0, tail="tail")
+    vals, grad = value_and_grad(lambda x: distillation_loss(x, labels, ids, lps, **kw), logits)
+    monkeypatch.setattr(losses, "CPU_CHUNK_BYTES", 2 * 4 * logits.shape[-1])  # 2 positions per chunk
+    v, g = value_and_grad(lambda x: distillation_loss(x, labels, ids, lps, **kw), logits)
+    assert v == pytest.approx(vals, rel=1e-6)
+    torch.testing.assert_close(g, grad, rtol=1e-6, atol=1e-8)
+    # [T, B, V] storage seen as [B, T, V]: not viewable as [N, V], copied with a warning
+    strided = logits.transpose(0, 1).contiguous().transpose(0, 1)
+    with pytest.warns(UserWarning, match="not viewable"):
+        v, g = value_and_grad(lambda x: distillation_loss(x, labels, ids, lps, **kw), strided)
+    assert v == pytest.approx(vals, rel=1e-6)
+    torch.testing.assert_close(g, grad, rtol=1e-6, atol=1e-8)
+
+
+def test_dense_teacher_with_masked_vocab():
+    """Teacher logits of -inf (ids it never predicts) give q = 0 there, not nan."""
+    logits, labels, _, _, teacher = make_batch(seed=19)
+    teacher[..., :5] = -math.inf
+    out = dense_distillation_loss(logits, teacher, labels, alpha=1.0, temperature=2.0)
+    mask = labels.reshape(-1) != -100
+    logp = F.log_softmax(logits.reshape(-1, 40)[mask].double() / 2, -1)
+    q = F.softmax(teacher.reshape(-1, 40)[mask].double() / 2, -1)
+    expected = torch.where(q > 0, q * (q.log() - logp), torch.zeros_like(q)).sum(-1).mean()
+    assert float(out.kl) == pytest.approx(float(expected), rel=1e-5)
+
+
 @pytest.mark.parametrize("tail", ["renormalize", "tail", "dense"])
 def test_bf16_logits(tail):
     logits, labels, ids, lps, teacher = make_batch(seed=13)
