@@ -1,0 +1,116 @@
+"""``moedistill run``: the whole job on one config.
+
+    compress teacher -> checkpoint-0
+    cache teacher logits of the train split: top-k and sampled
+    distill: student A from the top-k cache, student B from the sampled cache,
+             and a CE-only baseline (alpha = 0), all from the same checkpoint-0, same steps
+    evaluate teacher, checkpoint-0 and the three students on the validation split
+    report: report.md + PNGs in <output_dir>
+
+Every step reuses what an earlier run left in ``output_dir`` when its settings match
+(checkpoint-0, caches), so a second run skips the teacher entirely.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+
+from moedistill.config import Config
+
+
+def _with_cache_mode(cfg: Config, mode: str) -> Config:
+    """A copy of ``cfg`` reading (and if needed writing) the default cache of ``mode``."""
+    c = copy.deepcopy(cfg)
+    c.cache.mode = mode
+    c.cache.dir = None
+    return c
+
+
+def _log(msg: str):
+    print(f"[moedistill run] {msg}", flush=True)
+
+
+def run(cfg: Config) -> Path:
+    """Run the pipeline; returns the path of ``report.md``."""
+    from moedistill.cache.generate import generate_from_config
+    from moedistill.compression import compress_from_config
+    from moedistill.train import train_from_config
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    timings = {}
+
+    def step(name, fn):
+        s = time.time()
+        _log(f"{name} ...")
+        r = fn()
+        timings[name] = round(time.time() - s, 1)
+        _log(f"{name} done in {timings[name]:.0f}s")
+        return r
+
+    ckpt0 = step("compress", lambda: compress_from_config(cfg))
+    cfg = copy.deepcopy(cfg)
+    cfg.student.name = cfg.student.name or str(ckpt0)
+    topk_cfg = _with_cache_mode(cfg, "topk")
+    step("cache top-k", lambda: generate_from_config(topk_cfg))
+    # label -> (config, run name, loss overrides applied over cfg.loss and every stage)
+    runs = {"distilled (top-k)": (topk_cfg, "topk", None)}
+    if cfg.run.sample_student:
+        sample_cfg = _with_cache_mode(cfg, "sample")
+        step("cache sampled", lambda: generate_from_config(sample_cfg))
+        runs["distilled (sampled)"] = (sample_cfg, "sample", {"tail": "sample"})
+    if cfg.run.ce_baseline:
+        runs["CE-only"] = (topk_cfg, "ce", {"alpha": 0.0})
+
+    results = {}
+    for label, (c, run_name, overrides) in runs.items():
+        results[label] = step(
+            f"train {run_name}",
+            lambda c=c, run_name=run_name, overrides=overrides: train_from_config(
+                c, run_name=run_name, loss_overrides=overrides
+            ),
+        )
+
+    rows, curves, bounds = step("evaluate", lambda: _evaluate_all(cfg, ckpt0, results))
+    from moedistill.report import write_report
+
+    settings = {
+        "config": cfg.to_dict(),
+        "timings_s": timings,
+        "total_s": round(time.time() - t0, 1),
+    }
+    notes = [f"{k}: {v:.0f}s" for k, v in timings.items()]
+    path = write_report(out, rows, curves=curves, boundaries=bounds, notes=notes, settings=settings)
+    _log(f"report: {path} ({time.time() - t0:.0f}s in all)")
+    print((out / "report.md").read_text().split("## Models on the validation split")[1].split("`gap closed`")[0])
+    return path
+
+
+def _evaluate_all(cfg: Config, ckpt0: Path, results: dict):
+    from moedistill.data import prepare
+    from moedistill.evaluate import count_parameters, evaluate_model
+    from moedistill.models import get_model
+
+    teacher, tok = get_model(cfg.teacher.name, dtype=cfg.teacher.dtype, device_map=cfg.teacher.device_map,
+                             trust_remote_code=cfg.teacher.trust_remote_code)
+    blocks = prepare(tok, cfg.data.dataset, seq_len=cfg.data.seq_len, dataset_config=cfg.data.dataset_config,
+                     split=cfg.data.eval_split, text_field=cfg.data.text_field,
+                     max_sequences=cfg.eval.max_sequences or cfg.data.eval_max_sequences).blocks
+    kw = dict(batch_size=cfg.eval.batch_size, ece_bins=cfg.eval.ece_bins)
+    rows = []
+    models = [("teacher", None), ("checkpoint-0", str(ckpt0))] + [(k, v["final_dir"]) for k, v in results.items()]
+    for name, path in models:
+        model = teacher if path is None else get_model(path, dtype=cfg.student.dtype, with_tokenizer=False)[0]
+        m = evaluate_model(model, blocks, teacher=teacher, desc=name, **kw)
+        m.pop("expert_load", None)
+        rows.append({"name": name, "parameters": count_parameters(model), "path": path, **m})
+    curves, bounds = {}, {}
+    for name, r in results.items():
+        curves[name] = r.get("log_history", [])
+        bounds[name] = [(b["start_step"], b["name"]) for b in r.get("stages", [])]
+    Path(cfg.output_dir, "eval.json").write_text(json.dumps(rows, indent=2) + "\n")
+    return rows, curves, bounds
