@@ -306,31 +306,29 @@ def _forward(flat, lab, rows, teacher, alpha, temperature, denom, chunk_size, ne
     buf_x = work()
     buf_u = work() if (temperature != 1.0 or teacher.masks_probs) else None
     teacher.allocate(work)
-    # Without a gradient only the tail bucket needs probabilities; the rest uses log-probs.
-    need_probs = need_grad or teacher.masks_probs
 
     for start, pieces in _chunks(rows.tolist(), chunk_size):
         c = sum(b - a for a, b, _ in pieces)
         sl = slice(start, start + c)
         y = labels[sl]
-        # Fused row-wise (log_)softmax kernels, in place: each row stays in cache across
-        # their passes, which beats separate max / exp / sum ops over the whole chunk.
         x = _gather_rows(buf_x[:c], flat, pieces)  # the only upcast, one chunk at a time
+        # One fused softmax per temperature, in place (each row stays in cache across its
+        # passes). The log-normaliser comes from the softmax at the row's argmax, where
+        # p >= 1/V cannot underflow: lse = z_j - log p_j for any j.
+        top = x.argmax(dim=1, keepdim=True)
+        x_y, x_top = x.gather(1, y), x.gather(1, top)
+        u = torch.mul(x, inv_t, out=buf_u[:c]) if temperature != 1.0 else x
+        state = teacher.observe(sl, pieces, u)  # u = z / T, before the softmax overwrites it
+        torch.softmax(x, dim=1, out=x)
+        lse = x_top - x.gather(1, top).log()
+        ce_sum += (lse - x_y).sum(dtype=torch.float64)
         if temperature != 1.0:
-            u = torch.log_softmax(torch.mul(x, inv_t, out=buf_u[:c]), dim=1, out=buf_u[:c])
-        torch.log_softmax(x, dim=1, out=x)
-        if temperature == 1.0:
-            u = x
-        ce_sum -= x.gather(1, y).sum(dtype=torch.float64)
-        state = teacher.observe(sl, pieces, u)  # u = log p_T
-        p_t = None
-        if need_probs:
-            torch.softmax(x, dim=1, out=x)  # softmax of log-probs = their exp, but faster
-            if temperature != 1.0:
-                p_t = torch.softmax(u, dim=1, out=u)
-            else:
-                p_t = buf_u[:c].copy_(x) if teacher.masks_probs else x
-        kl_rows, beta = teacher.finish(state, p_t)  # tail mode zeroes p_t on the stored ids
+            p_t = torch.softmax(u, dim=1, out=u)
+            lse_t = x_top * inv_t - p_t.gather(1, top).log()
+        else:
+            p_t = buf_u[:c].copy_(x) if teacher.masks_probs else x
+            lse_t = lse
+        kl_rows, beta = teacher.finish(state, p_t, lse_t)  # tail mode zeroes p_t on the stored ids
         kl_sum += kl_rows.sum(dtype=torch.float64)
         if grad is None:
             continue
@@ -405,12 +403,12 @@ def _nonzero(x):
 #
 # A teacher first gets ``select(rows)`` (the counted positions, in order) and ``allocate(work)``
 # (a factory of [C, V] fp32 buffers it may keep). Then it sees each chunk twice:
-# ``observe(sl, pieces, log_p)`` (sl: the chunk's slice of the counted positions, pieces:
-# its runs of rows, see _chunks) gets log_p = log p_T [C, V] and returns a state;
-# ``finish(state, p)`` gets p = p_T [C, V] (None when no gradient is wanted and
-# ``masks_probs`` is False) and returns the per-row KL and a per-row coefficient beta
-# [C, 1]; d KL / d u (u = z / T) is then  beta * p  plus what ``add_grad`` adds
-# (a scatter on the stored ids, or a dense term).
+# ``observe(sl, pieces, u)`` (sl: the chunk's slice of the counted positions, pieces: its
+# runs of rows, see _chunks) gets u = z / T [C, V] and returns a state;
+# ``finish(state, p, lse)`` gets p = p_T = softmax(u) [C, V] and lse = logsumexp(u) [C, 1]
+# (so log p_T = u - lse) and returns the per-row KL and a coefficient beta (a float or
+# [C, 1]); d KL / d u is then  beta * p  plus what ``add_grad`` adds (a scatter on the
+# stored ids, or a dense term).
 
 
 class _SparseTeacher:
@@ -428,7 +426,7 @@ class _SparseTeacher:
     def allocate(self, work):
         pass
 
-    def observe(self, sl, pieces, log_p):
+    def observe(self, sl, pieces, u):
         ids = self.ids[sl]
         lp = self.logprobs[sl].float()
         valid = (ids >= 0) & (lp > -math.inf)
@@ -437,10 +435,11 @@ class _SparseTeacher:
             counts = self.counts[sl].float()
             valid &= counts > 0
         idx = ids.clamp(min=0)  # padding points at id 0 and is masked out by `valid`
-        return {"idx": idx, "lp": lp, "valid": valid, "counts": counts, "log_p": log_p.gather(1, idx)}
+        return {"idx": idx, "lp": lp, "valid": valid, "counts": counts, "u": u.gather(1, idx)}
 
-    def finish(self, st, p):
-        lp, valid, log_p = st["lp"], st["valid"], st["log_p"]
+    def finish(self, st, p, lse):
+        lp, valid = st["lp"], st["valid"]
+        log_p = st["u"] - lse  # log p_T on the stored ids
         ninf = torch.full_like(lp, -math.inf)
         if self.tail in ("renormalize", "sample"):
             if self.tail == "renormalize":
@@ -495,18 +494,18 @@ class _DenseTeacher:
     def allocate(self, work):
         self.buf_t, self.buf_q = work(), work()
 
-    def observe(self, sl, pieces, log_p):
-        c = log_p.shape[0]
+    def observe(self, sl, pieces, u):
+        c = u.shape[0]
         log_q = _gather_rows(self.buf_t[:c], self.logits, pieces).mul_(self.inv_t)
         torch.log_softmax(log_q, dim=1, out=log_q)
         q = torch.softmax(log_q, dim=1, out=self.buf_q[:c])
-        # sum_v q (log q - log p), with 0 where q == 0 (a teacher logit of -inf).
-        log_q.sub_(log_p).mul_(q)
+        # sum_v q (log q - u), with 0 where q == 0 (a teacher logit of -inf); + lse in finish.
+        log_q.sub_(u).mul_(q)
         log_q.masked_fill_(q == 0, 0.0)
         return {"q": q, "kl": log_q.sum(1)}
 
-    def finish(self, st, p):
-        return st["kl"], 1.0
+    def finish(self, st, p, lse):
+        return st["kl"] + lse.squeeze(1), 1.0
 
     def add_grad(self, st, g, coef):
         if isinstance(coef, float):
