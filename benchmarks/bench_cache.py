@@ -19,7 +19,8 @@ Prints four tables:
 3. generation wall time over teacher-forward-only wall time (same batches, same process,
    alternated, best of 3 each).
 4. reader tokens/s with 0 and 2 DataLoader workers against the tokens/s one optimizer step
-   of the tiny student (same size as the tiny teacher) consumes.
+   of the tiny student (same size as the tiny teacher) consumes (the faster of 1 and all
+   torch threads, so the ratio is not flattered by a slow step).
 """
 
 from __future__ import annotations
@@ -173,8 +174,10 @@ def generation_ratio(model, tok, packed, batch: int, workdir: Path, repeats: int
     """Wall seconds of the teacher forward alone and of the whole generation (forward, top-k,
     encode, write, merge, checksum, manifest).
 
-    Two measurements, because other processes on a shared machine make single timings
-    noisy: (a) the generation's own record of its forward time (``timing`` in the manifest:
+    Runs with one torch thread: on a 2-core machine shared with other jobs, two OpenMP
+    threads per op spin-wait on each other and made the same forward take 3.5 to 22 s;
+    one thread is stable (and leaves the second core to the writer thread, which on a CPU
+    also does the top-k). Two measurements, because other processes still add noise: (a) the generation's own record of its forward time (``timing`` in the manifest:
     the same batches in the same run) against its total wall time, best of ``repeats``;
     (b) forward-only passes alternated with generation runs, best of ``repeats`` each.
     """
@@ -189,16 +192,21 @@ def generation_ratio(model, tok, packed, batch: int, workdir: Path, repeats: int
                 model(input_ids=torch.from_numpy(packed.blocks[s : s + batch]).long(), use_cache=False).logits
         return time.perf_counter() - t
 
-    forward_only()  # warm-up
-    fwd, runs = [], []
-    for _ in range(repeats):
-        fwd.append(forward_only())
-        t = time.perf_counter()
-        generate_cache(model, tok, packed, workdir / "gen", mode="topk", top_k=K, batch_size=batch,
-                       teacher_name="tiny", overwrite=True, progress=False)
-        wall = time.perf_counter() - t
-        timing = json.loads((workdir / "gen" / "manifest.json").read_text())["shards"][0]["timing"]
-        runs.append(dict(timing, wall_s=wall))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        forward_only()  # warm-up
+        fwd, runs = [], []
+        for _ in range(repeats):
+            fwd.append(forward_only())
+            t = time.perf_counter()
+            generate_cache(model, tok, packed, workdir / "gen", mode="topk", top_k=K, batch_size=batch,
+                           teacher_name="tiny", overwrite=True, progress=False)
+            wall = time.perf_counter() - t
+            timing = json.loads((workdir / "gen" / "manifest.json").read_text())["shards"][0]["timing"]
+            runs.append(dict(timing, wall_s=wall))
+    finally:
+        torch.set_num_threads(threads)
     best = min(runs, key=lambda r: r["wall_s"] / r["forward_s"])
     return {"forward_alone_s": min(fwd), "generation_s": min(r["wall_s"] for r in runs), "best_run": best}
 
@@ -311,7 +319,7 @@ def main(argv=None):
         n_tok = packed.num_tokens
         b = g["best_run"]
         print(f"\n## 3. generation vs teacher forward (tiny teacher, {len(packed.blocks)} x {L} tokens, batch 16, "
-              f"torch threads {torch.get_num_threads()}, best of {repeats})\n")
+              f"1 torch thread, best of {repeats})\n")
         _table(["measurement", "teacher forward", "generation", "ratio"], [
             ("same run (forward timed inside the generation)", f"{b['forward_s']:.2f} s", f"{b['wall_s']:.2f} s",
              f"{b['wall_s'] / b['forward_s']:.3f}"),
@@ -319,11 +327,11 @@ def main(argv=None):
              f"{g['generation_s']:.2f} s ({n_tok / g['generation_s']:,.0f} tok/s)",
              f"{g['generation_s'] / g['forward_alone_s']:.3f}"),
         ])
-        rest = b["wall_s"] - b["forward_s"] - b["targets_s"] - b["writer_drain_s"] - b["merge_s"]
-        print(f"\nwhere the same run's time went: forward {b['forward_s']:.2f} s, top-k/softmax/entropy on the "
-              f"logits {b['targets_s']:.2f} s, waiting for the writer at the end {b['writer_drain_s']:.2f} s, "
-              f"merge + checksum {b['merge_s']:.2f} s, setup/verify/manifest/queue {rest:.2f} s; the writer "
-              f"thread worked {b['writer_busy_s']:.2f} s alongside the teacher")
+        rest = b["wall_s"] - b["forward_s"] - b["writer_drain_s"] - b["merge_s"]
+        print(f"\nwhere the same run's time went: forward {b['forward_s']:.2f} s; waiting for the writer at the end "
+              f"{b['writer_drain_s']:.2f} s; merge + checksum {b['merge_s']:.2f} s; setup, queue, verify and manifest "
+              f"{rest:.2f} s. Alongside the teacher the writer thread worked "
+              f"{b['writer_busy_s']:.2f} s, of which top-k/softmax/entropy on the logits {b['targets_s']:.2f} s.")
         print(f"[generation: {time.time() - t0:.0f} s]", file=sys.stderr)
 
         t0 = time.time()
@@ -331,7 +339,11 @@ def main(argv=None):
         epochs = 3 if args.quick else 8
         r0 = reader_speed(cache, 0, 16, epochs)
         r2 = reader_speed(cache, 2, 16, epochs)
+        threads = torch.get_num_threads()  # the faster of 1 and all threads (see generation_ratio)
+        torch.set_num_threads(1)
         train = training_consumption(model, cache, 16)
+        torch.set_num_threads(threads)
+        train = max(train, training_consumption(model, cache, 16))
         print("\n## 4. reader throughput vs training consumption (batch 16 x 128, shuffled)\n")
         _table(["reader, 0 workers", "reader, 2 workers", "one training step consumes", "ratio 0 / 2 workers"],
                [(f"{r0:,.0f} tok/s", f"{r2:,.0f} tok/s", f"{train:,.0f} tok/s", f"{r0 / train:.0f}x / {r2 / train:.0f}x")])

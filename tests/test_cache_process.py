@@ -103,23 +103,27 @@ def test_resume_after_kill_9_equals_uninterrupted(references, tmp_path, capsys):
 
 
 def test_resume_after_interrupt_equals_uninterrupted(references, tmp_path, monkeypatch):
-    """Top-k mode, interrupted in-process (Ctrl-C during the third batch)."""
-    from moedistill.cache import generate
+    """Top-k mode, interrupted in-process (Ctrl-C in the teacher's third forward)."""
+    import moedistill.models
 
-    real, calls = generate.batch_targets, []
+    real_get_model, calls = moedistill.models.get_model, []
 
-    def flaky(*a, **kw):
+    def interrupt_third_forward(module, args):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real(*a, **kw)
+
+    def get_model(*a, **kw):
+        model, tok = real_get_model(*a, **kw)
+        model.register_forward_pre_hook(interrupt_third_forward)
+        return model, tok
 
     out = tmp_path / "cache"
-    monkeypatch.setattr(generate, "batch_targets", flaky)
+    monkeypatch.setattr(moedistill.models, "get_model", get_model)
     with pytest.raises(KeyboardInterrupt):
         _script_main([*ARGS, "--mode", "topk", "--output_dir", str(out)])
     assert len(list((out / "parts").glob("part-*.h5"))) == 2
-    monkeypatch.setattr(generate, "batch_targets", real)
+    monkeypatch.setattr(moedistill.models, "get_model", real_get_model)
     assert _script_main([*ARGS, "--mode", "topk", "--output_dir", str(out)]) == 0
     _assert_same(_content(out), _content(references["topk"]))
 

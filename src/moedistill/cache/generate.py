@@ -420,14 +420,27 @@ def _generate_rank(teacher, blocks, out, attrs, rank, start, end, batch_size, mo
     )
     t_start = time.perf_counter()
     timing = {"batches": len(todo), "tokens": sum(e - s for s, e in todo) * L, "forward_s": 0.0, "targets_s": 0.0}
-    writer = _Writer(parts_dir, attrs, W, mode)
+    dev = _input_device(teacher)
+    # On a CPU the passes over the logits (top-k, softmax) cost as much as a small teacher's
+    # forward: the writer thread does them, on another core, while the teacher computes the
+    # next batch. On a GPU they are a few % of the forward and stay in line, so that no
+    # second batch of [B, L, V] logits is held in GPU memory.
+    offload = dev.type == "cpu"
+    logits_bytes = batch_size * L * _vocab_size(teacher) * 4
+    depth = max(1, min(QUEUE_BATCHES, (1 << 30) // max(logits_bytes, 1))) if offload else QUEUE_BATCHES
+    writer = _Writer(parts_dir, attrs, W, mode, depth)
     writer.start()
     try:
-        dev = _input_device(teacher)
         seqs_done = end - start - sum(e - s for s, e in todo)
         for s, e in todo:
             x = torch.from_numpy(np.ascontiguousarray(blocks[s:e])).long().to(dev)
-            job = batch_targets(teacher, x, mode=mode, width=W, seed=seed, first_index=s, timing=timing)
+            if offload:
+                t0 = time.perf_counter()
+                with torch.inference_mode():
+                    job = {"logits": teacher(input_ids=x, use_cache=False).logits, "seed": seed}
+                timing["forward_s"] += time.perf_counter() - t0
+            else:
+                job = batch_targets(teacher, x, mode=mode, width=W, seed=seed, first_index=s, timing=timing)
             job.update(start=s, end=e, input_ids=blocks[s:e])
             writer.put(job)
             seqs_done += e - s
@@ -437,7 +450,8 @@ def _generate_rank(teacher, blocks, out, attrs, rank, start, end, batch_size, mo
         t_loop = time.perf_counter()
         writer.close()
         bar.close()
-    timing["writer_busy_s"] = writer.busy_s  # encoding + writing, overlapped with the teacher
+    timing["targets_s"] += writer.targets_s  # CPU: top-k etc. in the writer thread, overlapped
+    timing["writer_busy_s"] = writer.busy_s  # (targets +) encoding + writing, overlapped with the teacher
     timing["writer_drain_s"] = time.perf_counter() - t_loop  # what the teacher side waited at the end
     parts = [parts_dir / fmt.part_name(s, e) for s, e in batches]
     missing = [p.name for p in parts if not p.is_file()]
@@ -600,16 +614,20 @@ def _distinct_draws(z, p, lse, n, gen):
 
 
 class _Writer(threading.Thread):
-    """Encodes finished batches and writes them as part files, off the teacher's thread."""
+    """Encodes finished batches and writes them as part files, off the teacher's thread.
 
-    def __init__(self, parts_dir: Path, attrs: dict, width: int, mode: str):
+    A job holds either the sparse targets or (CPU teachers) the batch's logits, whose
+    targets are then computed here."""
+
+    def __init__(self, parts_dir: Path, attrs: dict, width: int, mode: str, depth: int = QUEUE_BATCHES):
         super().__init__(name="moedistill-cache-writer", daemon=True)
-        self.q: queue.Queue = queue.Queue(maxsize=QUEUE_BATCHES)
-        self.parts_dir, self.attrs, self.mode = parts_dir, attrs, mode
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.parts_dir, self.attrs, self.mode, self.width = parts_dir, attrs, mode, width
         self.steps = encode.logprob_steps(width)
         self.error: BaseException | None = None
         self.committed = 0
         self.busy_s = 0.0
+        self.targets_s = 0.0
         self.kill_after = int(os.environ.get(_KILL_ENV, "0") or 0)
 
     def run(self):
@@ -627,6 +645,12 @@ class _Writer(threading.Thread):
             self.busy_s += time.perf_counter() - t
 
     def _write(self, job):
+        if "logits" in job:
+            t = time.perf_counter()
+            with torch.inference_mode():
+                job.update(sparse_targets(job.pop("logits"), mode=self.mode, width=self.width, seed=job["seed"],
+                                          first_index=job["start"]))
+            self.targets_s += time.perf_counter() - t
         arrays = {"input_ids": job["input_ids"].astype(encode.ID_DTYPE)}
         arrays.update(encode.encode_targets(job["ids"], job["logprobs"], self.steps, job["counts"], self.attrs["num_samples"]))
         attrs = dict(self.attrs, seq_start=job["start"], seq_end=job["end"])
