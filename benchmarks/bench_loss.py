@@ -249,7 +249,7 @@ def _loss_worker(variant: str, cfg_dict: dict) -> dict:
 
 
 # Memory of a variant's process in units of the fp32 logits: the inputs (1x) plus the
-# larger of its own peak and CE's (measured: CE ~2.8x, ours ~1.0x, the seed's dense ~5.6x).
+# larger of its own peak and CE's (measured: CE ~3.0x, ours ~1.1x, the seed's dense ~6.0x).
 # Used only to pick a size that fits.
 _NEED = {"ce": 4.0, "sparse": 4.0, "dense": 7.0}
 
