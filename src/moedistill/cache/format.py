@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from torch.utils.data import Dataset
 
 from moedistill.cache import encode
 from moedistill.errors import UserError
@@ -410,7 +411,7 @@ def check_expect(path: Path, manifest: dict, expect: dict | None) -> None:
 # --------------------------------------------------------------------------- reader
 
 
-class TeacherCache:
+class TeacherCache(Dataset):
     """A complete, verified cache as a map-style torch Dataset (see :func:`open_cache`).
 
     Items (torch tensors; L = seq_len, K = ``self.k``):
@@ -517,16 +518,6 @@ class TeacherCache:
         )
 
 
-def _as_torch_dataset(cls):
-    """Make TeacherCache a torch Dataset subclass without importing torch at module import."""
-    import torch.utils.data
-
-    return type("TeacherCache", (cls, torch.utils.data.Dataset), {"__module__": __name__, "__doc__": cls.__doc__})
-
-
-_DATASET_CLS = None
-
-
 def open_cache(path, expect: dict | None = None, verify: bool = True) -> TeacherCache:
     """Open a complete teacher cache as a torch Dataset, after checking it.
 
@@ -537,7 +528,6 @@ def open_cache(path, expect: dict | None = None, verify: bool = True) -> Teacher
     fletcher32 checksum of every chunk is still verified whenever it is read); the shards
     cover all sequences; and the fingerprints match ``expect`` (see :func:`check_expect`).
     """
-    global _DATASET_CLS
     path = Path(path)
     manifest = load_manifest(path)
     if not manifest.get("complete"):
@@ -547,9 +537,7 @@ def open_cache(path, expect: dict | None = None, verify: bool = True) -> Teacher
         )
     verify_shards(path, manifest, checksums=verify)
     check_expect(path, manifest, expect)
-    if _DATASET_CLS is None:
-        _DATASET_CLS = _as_torch_dataset(TeacherCache)
-    return _DATASET_CLS(path, manifest)
+    return TeacherCache(path, manifest)
 
 
 # --------------------------------------------------------------------------- inspect
