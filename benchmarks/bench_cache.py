@@ -21,6 +21,13 @@ Prints four tables:
 4. reader tokens/s with 0 and 2 DataLoader workers against the tokens/s one optimizer step
    of the tiny student (same size as the tiny teacher) consumes (the faster of 1 and all
    torch threads, so the ratio is not flattered by a slow step).
+
+Last run (2-core CPU shared with other jobs, torch 2.13 CPU, 82 s):
+  bytes/token ours/seed: tiny 121.2/213.5 = 0.568; Zipf-like V=151,936 142.9/245.2 = 0.583;
+  uniform ids (worst case) 0.684. Mean |ΔKL| at most 7.6e-4 (tiny), 6.3e-4 (synthetic).
+  Generation / forward: 1.23 in the same run, 1.91 in alternated runs (forward 0.42 s,
+  top-k/softmax/entropy 0.48 s in the writer thread, I/O 0.1 s for 8,192 tokens).
+  Reader 735k tok/s (0 workers), 310k (2 workers) vs 6.1k tok/s consumed by training: 120x / 51x.
 """
 
 from __future__ import annotations
