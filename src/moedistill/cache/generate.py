@@ -198,7 +198,8 @@ def generate_cache(
         if rank == 0:
             print(f"teacher cache {out} is complete; nothing to do", file=sys.stderr)
         return out
-    # 2. rank 0 prepares the directory; the others wait
+    # 2. once every rank has read it, rank 0 prepares the directory; the others wait
+    _barrier(world)
     if rank == 0:
         _prepare_dir(out, identity, overwrite, ranges, packed)
     _barrier(world)
