@@ -303,12 +303,16 @@ def run_stages(
     result = {"run_dir": str(run_dir), "final_model": None, "stages": [s.to_dict() for s in stages], "train_metrics": {}}
     trainer = None
     for st in stages[first:]:
+        # a fresh run evaluates at step 0, the curves' starting point (inside train(), after
+        # on_train_begin, so loggers such as TensorBoard are set up for the stage's dir)
+        first_eval = eval_dataset is not None and resume is None and st.index == 0
         stage_args = dataclasses.replace(
             args,
             output_dir=str(run_dir / st.dirname),
             max_steps=st.max_steps,
             learning_rate=st.learning_rate,
             data_seed=(args.data_seed if args.data_seed is not None else args.seed) + st.index,
+            eval_on_start=first_eval or (args.eval_on_start and st.index == first),
         )
         del trainer  # free the previous stage's optimizer state before building the next
         trainer = DistillationTrainer(
@@ -332,9 +336,15 @@ def run_stages(
             st.loss.alpha, st.loss.temperature, st.loss.tail,
         )
         resume_here = str(ckpt) if (ckpt is not None and st.index == first) else None
-        if eval_dataset is not None and resume is None and st.index == 0:
-            result["initial_eval"] = trainer.evaluate()  # logged at step 0: the starting point of the curves
         out = trainer.train(resume_from_checkpoint=resume_here)
+        if first_eval:
+            m = result["initial_eval"] = next(
+                {k: v for k, v in e.items() if k.startswith("eval_")} for e in trainer.state.log_history if "eval_kl" in e
+            )
+            logger.info(
+                "validation before training: KL to the teacher %.4f, CE %.4f, perplexity %.2f",
+                m["eval_kl"], m["eval_ce"], m["eval_perplexity"],
+            )
         result["train_metrics"] = dict(out.metrics)
         if trainer.state.global_step < st.max_steps:
             result["stopped_at"] = st.start_step + trainer.state.global_step
