@@ -381,3 +381,14 @@ def test_train_from_config_end_to_end(tmp_path):
     again = train_from_config(cfg, resume=str(run / "02-full" / "checkpoint-2"), student=compress_model(teacher, rank=1))
     assert again["initial_eval"] == pytest.approx(out["initial_eval"])
     assert again["final_eval"]["eval_kl"] == pytest.approx(out["final_eval"]["eval_kl"], rel=1e-6)
+
+
+def test_training_arguments_pass_through(tmp_path):
+    from moedistill.config import load_config
+    from moedistill.train import training_arguments
+
+    cfg = load_config("tiny", ["+training.bf16=true", "training.gradient_accumulation_steps=4", "seed=7"])
+    args = training_arguments(cfg, tmp_path / "run")
+    assert args.bf16 and args.gradient_accumulation_steps == 4 and args.seed == 7
+    assert args.remove_unused_columns is False and args.output_dir == str(tmp_path / "run")
+    assert args.per_device_eval_batch_size == cfg.eval.batch_size
