@@ -5,12 +5,14 @@ Every command takes Hydra-style overrides (``loss.alpha=0.7``) on top of a confi
 ``-m/--multirun`` sweeps comma-separated values (``loss.alpha=0.3,0.7``), one run per
 combination, each in ``<output_dir>/sweep/<key=value,...>``.
 
-Errors a user can cause print one line (``error: ...``) and exit with code 2.
+Errors a user can cause print one line (``error: ...``) and exit with code 2; so does a
+full disk (``ENOSPC``), after which the same command resumes.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import itertools
 import sys
 
@@ -141,6 +143,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # writes are atomic (temporary file + rename, completion records last): what was cut short is not used
+        where = f" writing {e.filename}" if e.filename else ""
+        print(f"error: no space left on the device{where}; free space and rerun the same command "
+              f"(caches resume, training resumes with --resume)", file=sys.stderr)
+        return 2
     return 0
 
 

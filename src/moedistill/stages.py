@@ -20,7 +20,12 @@ Files in the run directory::
     final/                          the student after the last stage (save_pretrained)
 
 Resume from any checkpoint (``resume=<dir>`` or ``"latest"``): the stages before its
-stage are skipped, its stage continues from that step, the later stages follow.
+stage are skipped, its stage continues from that step, the later stages follow. Only
+complete checkpoints count (``checkpoint.json`` present, see ``moedistill.integrity``);
+the one resumed from is verified (sizes, checksums) before anything in the run directory
+changes, and so are the parameter-group rules and the vocabularies: a bad setting stops
+the run before a previous run's checkpoints are cleared. ``final/`` is written to a
+temporary directory and renamed into place.
 """
 
 from __future__ import annotations
@@ -154,17 +159,24 @@ def write_plan(run_dir: Path, stages: list[Stage], done: set[int]) -> None:
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """(global step, path) of every checkpoint that records its stage, oldest first."""
+    """(global step, path) of every complete checkpoint that records its stage, oldest first."""
+    from moedistill.integrity import is_complete
+
     found = []
     for marker in Path(run_dir).glob(f"*/checkpoint-*/{CHECKPOINT_STAGE_FILE}"):
         info = _read_json(marker)
-        if info and "global_step" in info:
+        if info and "global_step" in info and is_complete(marker.parent):
             found.append((int(info["global_step"]), marker.parent))
     return sorted(found)
 
 
 def find_checkpoint(run_dir: Path, resume: str, stages: list[Stage]) -> tuple[Stage, Path, int]:
-    """Resolve ``resume`` ("latest" or a checkpoint dir) -> (its stage, path, step within the stage)."""
+    """Resolve ``resume`` ("latest" or a checkpoint dir) -> (its stage, path, step within the stage).
+
+    The checkpoint is verified (``moedistill.integrity.verify_checkpoint``): an incomplete,
+    truncated or corrupted one is a UserError naming the file."""
+    from moedistill.integrity import verify_checkpoint
+
     if resume in ("latest", "last", True):
         found = list_checkpoints(run_dir)
         if not found:
@@ -174,6 +186,7 @@ def find_checkpoint(run_dir: Path, resume: str, stages: list[Stage]) -> tuple[St
         path = Path(resume)
         if not (path / "trainer_state.json").is_file():
             raise UserError(f"{resume} is not a training checkpoint (no trainer_state.json); pass a checkpoint-N dir")
+    verify_checkpoint(path)
     info = _read_json(path / CHECKPOINT_STAGE_FILE) or {}
     by_name = {s.name: s for s in stages}
     by_dir = {s.dirname: s for s in stages}
@@ -226,7 +239,8 @@ class StageCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if ckpt.is_dir():
+            # DistillationTrainer writes it inside the checkpoint, before checkpoint.json
+            if ckpt.is_dir() and not (ckpt / CHECKPOINT_STAGE_FILE).is_file():
                 info = {
                     "index": self.stage.index,
                     "name": self.stage.name,
@@ -252,6 +266,25 @@ class StageCallback(TrainerCallback):
 
 
 # --------------------------------------------------------------------------- driver
+
+
+def check_stages(model, stages: list[Stage], *, train_dataset=None, eval_dataset=None, teacher=None) -> None:
+    """The checks a stage's trainer would make, made up front: every rule of every stage
+    takes a parameter and some parameter trains; the teacher's ids (cache or online
+    teacher) all have a student logit. Raises UserError; changes nothing."""
+    from moedistill.integrity import check_vocab, output_vocab
+    from moedistill.param_groups import assign
+
+    for st in stages:
+        plan = assign(model, st.param_groups, where=st.param_groups_key)
+        if plan.trainable == 0:
+            raise UserError(f"{st.param_groups_key} freezes every parameter in stage {st.name!r}; "
+                            f"give some rule lr_multiplier > 0")
+    for ds in (train_dataset, eval_dataset):
+        vocab = output_vocab(teacher) if teacher is not None else getattr(ds, "vocab_size", None)
+        if vocab:
+            where = "teacher" if teacher is not None else f"teacher of the cache {getattr(ds, 'path', '')}".rstrip()
+            check_vocab(output_vocab(model), int(vocab), teacher=where)
 
 
 def run_stages(
@@ -288,11 +321,13 @@ def run_stages(
     from moedistill.trainer import DistillationTrainer
 
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     first, ckpt = 0, None
     if resume:
         stage, ckpt, stage_step = find_checkpoint(run_dir, resume, stages)
         first = stage.index
+    check_stages(model, stages[first:], train_dataset=train_dataset, eval_dataset=eval_dataset, teacher=teacher)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume:
         _trim_log(run_dir, stage.start_step + stage_step)
         logger.info("resuming stage %s at its step %d (global step %d) from %s", stage.name, stage_step,
                     stage.start_step + stage_step, ckpt)
@@ -354,7 +389,15 @@ def run_stages(
         done.add(st.index)
         write_plan(run_dir, stages, done)
     final = run_dir / FINAL_DIR
-    trainer.save_model(str(final))
+    tmp = run_dir / (FINAL_DIR + ".tmp")
+    if trainer.args.should_save:
+        shutil.rmtree(tmp, ignore_errors=True)
+    trainer.save_model(str(tmp))  # whole or absent: a crash mid-save leaves final.tmp, never a partial final/
+    trainer.accelerator.wait_for_everyone()
+    if trainer.args.should_save:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.replace(final)
+    trainer.accelerator.wait_for_everyone()
     result["final_model"] = str(final)
     if eval_dataset is not None:
         result["final_eval"] = trainer.evaluate()

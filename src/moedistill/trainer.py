@@ -9,7 +9,8 @@ Glue only; the math lives in ``moedistill.losses``. What it overrides, and why:
   its full logits. The student never gets ``labels=`` (HF models would shift them a
   second time; ours are already shifted). An MoE student whose config sets
   ``output_router_logits`` adds its load-balancing loss x ``router_aux_loss_coef``.
-  A NaN/inf loss stops the run with a message naming the step.
+  A NaN/inf loss stops the run with a message naming the step and the batch (the
+  training set is wrapped in ``IndexedDataset`` so that a batch knows its sequences).
 - ``get_batch_samples``: counts the prediction targets of the whole optimizer step as
   ``labels != -100`` over the full label tensor. The Trainer's own count drops
   position 0 for causal LMs (it expects unshifted labels); ours are shifted, so every
@@ -20,6 +21,13 @@ Glue only; the math lives in ``moedistill.losses``. What it overrides, and why:
   logging window like the Trainer's ``loss``, plus ``stage`` / ``global_step`` when the
   trainer runs one stage of a schedule.
 - ``evaluate``: token-weighted CE, KL to the teacher at temperature 1 and perplexity.
+- ``_save_checkpoint`` / ``train``: every checkpoint ends with ``checkpoint.json`` (sizes
+  and checksums, ``moedistill.integrity``), written before old checkpoints are rotated
+  away; a resume verifies it first, so a checkpoint cut short by a crash or a full disk
+  is never loaded. ``resume_from_checkpoint=True`` takes the latest complete one.
+
+Before step 1 the teacher's vocabulary (the cache's, or the online teacher's) is checked
+against the student's: an id the student has no logit for is a UserError.
 
 Items are stacked by ``collate``; ``remove_unused_columns`` is forced off so the targets
 reach the loss.
@@ -27,6 +35,7 @@ reach the loss.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -37,6 +46,7 @@ import torch.nn.functional as F
 from transformers import Trainer
 
 from moedistill.config import LossConfig, ParamGroupsConfig
+from moedistill import integrity
 from moedistill.errors import UserError
 from moedistill.param_groups import assign, format_table, freeze, optimizer_groups
 
@@ -48,6 +58,30 @@ _PAD_VALUE = {"target_ids": -1, "target_logprobs": float("-inf"), "target_counts
 
 class NonFiniteLossError(UserError):
     """The loss became NaN or inf; training stops rather than train on garbage."""
+
+
+class IndexedDataset(torch.utils.data.Dataset):
+    """A map-style dataset whose dict items also carry ``index``, their position in it.
+
+    The trainer wraps its training set in it so that a batch knows which sequences it
+    holds (``inputs["index"]``) and an error can name them."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        item = self.dataset[i]
+        return {**item, "index": int(i)} if isinstance(item, dict) else item
+
+
+def _teacher_vocab(teacher, dataset) -> tuple[int | None, str]:
+    if teacher is not None:
+        return integrity.output_vocab(teacher), "teacher"
+    v = getattr(dataset, "vocab_size", None)
+    return (int(v), f"teacher of the cache {getattr(dataset, 'path', '')}".rstrip()) if v else (None, "")
 
 
 def collate(features: list[dict]) -> dict[str, torch.Tensor]:
@@ -107,6 +141,13 @@ class DistillationTrainer(Trainer):
         if args.remove_unused_columns:
             args.remove_unused_columns = False  # the targets are not forward() arguments of the student
         kwargs.setdefault("data_collator", collate)
+        train = kwargs.get("train_dataset")
+        for ds in (train, kwargs.get("eval_dataset")):
+            t_vocab, t_name = _teacher_vocab(teacher, ds)
+            if t_vocab is not None:  # before step 1: ids the student lacks would fail deep in the loss
+                integrity.check_vocab(integrity.output_vocab(model), t_vocab, teacher=t_name)
+        if isinstance(train, torch.utils.data.Dataset) and not isinstance(train, torch.utils.data.IterableDataset):
+            kwargs["train_dataset"] = IndexedDataset(train)
         self.loss_config = loss or LossConfig()
         self.teacher = teacher
         self.stage_index, self.stage_name, self.step_offset = stage_index, stage_name, step_offset
@@ -209,8 +250,11 @@ class DistillationTrainer(Trainer):
             if not torch.isfinite(loss.detach()).all():
                 step = self.step_offset + self.state.global_step + 1
                 where = f" (stage {self.stage_name!r}, its step {self.state.global_step + 1})" if self.stage_name else ""
+                index = inputs.get("index")
+                batch = f", batch of training sequences {index.tolist()}" if torch.is_tensor(index) else ""
+                rank = f" on process {self.args.process_index}" if self.args.world_size > 1 else ""
                 raise NonFiniteLossError(
-                    f"the training loss is {loss.item()} at step {step}{where} (ce={parts.ce.item():.4g}, "
+                    f"the training loss is {loss.item()} at step {step}{where}{batch}{rank} (ce={parts.ce.item():.4g}, "
                     f"kl={parts.kl.item():.4g}); lower the learning rate, use bf16 instead of fp16, "
                     f"or check the cache with `moedistill inspect --verify`"
                 )
@@ -236,6 +280,57 @@ class DistillationTrainer(Trainer):
         return batches, num_items
 
     # ------------------------------------------------------------------ checkpoints
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if resume_from_checkpoint is True:  # the latest COMPLETE checkpoint, not merely the newest directory
+            found = integrity.latest_checkpoint(self.args.output_dir)
+            if found is None:
+                raise UserError(f"no complete checkpoint to resume from in {self.args.output_dir}; start without resuming")
+            resume_from_checkpoint = str(found)
+        if resume_from_checkpoint:
+            integrity.verify_checkpoint(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _checkpoint_info(self) -> dict:
+        info = {"global_step": self.step_offset + self.state.global_step}
+        if self.stage_index is not None:
+            info["stage"] = {
+                "index": self.stage_index,
+                "name": self.stage_name,
+                "stage_step": self.state.global_step,
+                "global_step": self.step_offset + self.state.global_step,
+                "stage_done": self.state.global_step >= self.state.max_steps,
+            }
+        return info
+
+    def _save_checkpoint(self, model, trial):
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+        run_dir = self._get_output_dir(trial=trial)
+        ckpt = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save:
+            integrity.unmark_checkpoint(ckpt)  # rewritten in place: incomplete until marked again
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None  # rotate old checkpoints away only once this one is complete
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        self.accelerator.wait_for_everyone()  # every process's files (RNG states, shards) are written
+        if self.args.should_save:
+            info = self._checkpoint_info()
+            if "stage" in info:  # the stage marker is part of the checkpoint, checksummed with it
+                from moedistill.stages import CHECKPOINT_STAGE_FILE
+
+                tmp = os.path.join(ckpt, CHECKPOINT_STAGE_FILE + ".tmp")
+                with open(tmp, "w") as f:
+                    json.dump(info["stage"], f, indent=2)
+                os.replace(tmp, os.path.join(ckpt, CHECKPOINT_STAGE_FILE))
+            integrity.mark_checkpoint(ckpt, info)
+            rotate_checkpoints(
+                output_dir=run_dir, save_total_limit=limit, best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         # transformers 5.x saves MoE checkpoints in the Hub layout (one tensor per expert) but the
