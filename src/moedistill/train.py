@@ -84,6 +84,30 @@ def _load_student(cfg: Config, student):
     return model, name
 
 
+def _check_student(cfg: Config, model, student_name: str, args, loss_overrides) -> None:
+    """Before any cache is generated or run directory touched: data.seq_len within the
+    student's context, every id of the teacher's vocabulary a student logit, every
+    parameter-group rule of every stage matching some parameter."""
+    from transformers import AutoConfig
+
+    from moedistill.integrity import check_context, check_vocab, output_vocab
+    from moedistill.models import resolve
+    from moedistill.stages import check_stages, plan_stages
+
+    check_context(model.config, cfg.data.seq_len, f"student {student_name}")
+    try:
+        teacher_config = AutoConfig.from_pretrained(
+            resolve(cfg.teacher.name), trust_remote_code=cfg.teacher.trust_remote_code
+        )
+    except Exception:  # noqa: BLE001 - the cache step reports an unloadable teacher with its own message
+        teacher_config = None
+    if teacher_config is not None:
+        text = teacher_config.get_text_config() if hasattr(teacher_config, "get_text_config") else teacher_config
+        check_vocab(output_vocab(model), int(text.vocab_size), student=f"student {student_name}",
+                    teacher=f"teacher {cfg.teacher.name}")
+    check_stages(model, plan_stages(cfg, args, 1, loss_overrides))  # lengths do not matter here
+
+
 def training_arguments(cfg: Config, run_dir: Path):
     """``TrainingArguments`` from ``cfg.training`` with the keys moedistill owns filled in."""
     from transformers import TrainingArguments
@@ -128,6 +152,7 @@ def train_from_config(
     args = training_arguments(cfg, run_dir)
     model, student_name = _load_student(cfg, student)
     tokenizer = load_tokenizer(cfg.teacher.name, cfg.teacher.trust_remote_code)
+    _check_student(cfg, model, student_name, args, loss_overrides)
     if cache_dir:  # a given cache is used as it is (open_cache still checks teacher and seq_len)
         from moedistill.cache import open_cache
 

@@ -66,6 +66,7 @@ def generate_from_config(cfg, split: str | None = None) -> Path:
     max_sequences = cfg.data.max_sequences if split == cfg.data.split else cfg.data.eval_max_sequences
     out = cache_dir(cfg, split)
     tokenizer = load_tokenizer(cfg.teacher.name, cfg.teacher.trust_remote_code)
+    _check_teacher_context(cfg)
     packed = prepare(
         tokenizer,
         cfg.data.dataset,
@@ -97,6 +98,20 @@ def generate_from_config(cfg, split: str | None = None) -> Path:
     if cfg.teacher.device_map is None:
         teacher.to(_default_device())
     return generate_cache(teacher, tokenizer, packed, out, **kwargs)
+
+
+def _check_teacher_context(cfg) -> None:
+    """data.seq_len within the teacher's context, from its config file (before any data or weights)."""
+    from transformers import AutoConfig
+
+    from moedistill.integrity import check_context
+    from moedistill.models import resolve
+
+    try:
+        config = AutoConfig.from_pretrained(resolve(cfg.teacher.name), trust_remote_code=cfg.teacher.trust_remote_code)
+    except Exception:  # noqa: BLE001 - get_model reports an unloadable teacher with its own message
+        return
+    check_context(config, cfg.data.seq_len, f"teacher {cfg.teacher.name}")
 
 
 def _reusable(out: Path, cfg, packed, kwargs) -> bool:
@@ -170,6 +185,9 @@ def generate_cache(
         raise UserError(f"cache mode {mode!r} must be topk or sample")
     if batch_size < 1:
         raise UserError(f"cache batch_size={batch_size} must be >= 1")
+    from moedistill.integrity import check_context
+
+    check_context(teacher.config, int(packed.seq_len), "teacher")
     V = _vocab_size(teacher)
     if mode == "topk" and not 1 <= top_k <= V:
         raise UserError(f"cache top_k={top_k} must be between 1 and the teacher's vocabulary size {V}; set cache.top_k")
