@@ -15,6 +15,7 @@ import argparse
 import errno
 import itertools
 import sys
+from pathlib import Path
 
 from moedistill.errors import UserError
 
@@ -57,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--model", default=None, help="model to evaluate (default: the trained student)")
             sp.add_argument("--cache", default=None, help="teacher cache of the eval split (default: built as needed)")
             sp.add_argument("--output", default=None, help="write the metrics JSON here")
+        if name in ("cache", "train", "run"):
+            sp.add_argument("--overwrite", action="store_true",
+                            help="replace a cache of another configuration in the way (same as cache.overwrite=true)")
         if name == "train":
             sp.add_argument("--resume", default=None, nargs="?", const="latest",
                             help="resume from a checkpoint directory, or the latest one with no value")
@@ -129,6 +133,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from moedistill.config import load_config
 
+        resume = getattr(args, "resume", None)
+        if resume and "=" in resume and not Path(resume).exists():
+            # `--resume key=value ...`: the optional value took the first override; it is one
+            args.resume, args.overrides = "latest", [resume, *args.overrides]
+        if getattr(args, "overwrite", False):
+            args.overrides = [*args.overrides, "cache.overwrite=true"]
         runs = expand_sweep(args.overrides) if args.multirun else [args.overrides]
         for overrides in runs:
             cfg = load_config(args.config_name, overrides)

@@ -153,6 +153,10 @@ def train_from_config(
     model, student_name = _load_student(cfg, student)
     tokenizer = load_tokenizer(cfg.teacher.name, cfg.teacher.trust_remote_code)
     _check_student(cfg, model, student_name, args, loss_overrides)
+    if resume not in (None, "latest", "last"):  # a damaged checkpoint stops the run before any cache work
+        from moedistill.integrity import verify_checkpoint
+
+        verify_checkpoint(resume)
     if cache_dir:  # a given cache is used as it is (open_cache still checks teacher and seq_len)
         from moedistill.cache import open_cache
 

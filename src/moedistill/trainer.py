@@ -223,8 +223,24 @@ class DistillationTrainer(Trainer):
             chunk_size=cfg.chunk_size,
         )
 
+    def _where(self, inputs) -> str:
+        """``step N (stage 'x', its step n), batch of training sequences [i, j, ...]`` for error messages."""
+        step = self.step_offset + self.state.global_step + 1
+        where = f" (stage {self.stage_name!r}, its step {self.state.global_step + 1})" if self.stage_name else ""
+        index = inputs.get("index")
+        batch = f", batch of training sequences {index.tolist()}" if torch.is_tensor(index) else ""
+        rank = f" on process {self.args.process_index}" if self.args.world_size > 1 else ""
+        return f"step {step}{where}{batch}{rank}"
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         cfg = self.loss_config
+        lp = inputs.get("target_logprobs")
+        if model.training and lp is not None and (torch.isnan(lp).any() or torch.isposinf(lp).any()):
+            # the loss would count such a target as padding and train on without a word
+            raise NonFiniteLossError(
+                f"the teacher targets hold NaN/+inf log-probabilities at {self._where(inputs)}; "
+                f"check the dataset (a moedistill cache: `moedistill inspect --verify`)"
+            )
         logits, aux, teacher_logits = self._forward(model, inputs)
         parts = self._distill(
             logits,
@@ -248,13 +264,8 @@ class DistillationTrainer(Trainer):
             loss = loss + aux_term
         if model.training:
             if not torch.isfinite(loss.detach()).all():
-                step = self.step_offset + self.state.global_step + 1
-                where = f" (stage {self.stage_name!r}, its step {self.state.global_step + 1})" if self.stage_name else ""
-                index = inputs.get("index")
-                batch = f", batch of training sequences {index.tolist()}" if torch.is_tensor(index) else ""
-                rank = f" on process {self.args.process_index}" if self.args.world_size > 1 else ""
                 raise NonFiniteLossError(
-                    f"the training loss is {loss.item()} at step {step}{where}{batch}{rank} (ce={parts.ce.item():.4g}, "
+                    f"the training loss is {loss.item()} at {self._where(inputs)} (ce={parts.ce.item():.4g}, "
                     f"kl={parts.kl.item():.4g}); lower the learning rate, use bf16 instead of fp16, "
                     f"or check the cache with `moedistill inspect --verify`"
                 )

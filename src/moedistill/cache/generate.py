@@ -311,9 +311,9 @@ def _check_existing(out: Path, identity: dict, overwrite: bool) -> str:
     manifest = fmt.load_manifest(out)
     diff = fmt.identity_diff(fmt.manifest_identity(manifest), fmt.manifest_identity(identity))
     if diff:
-        more = f" (and {len(diff) - 1} more differences)" if len(diff) > 1 else ""
+        more = f" (and {len(diff) - 3} more differences)" if len(diff) > 3 else ""
         raise UserError(
-            f"{out} holds a different teacher cache: {diff[0]}{more}; pass --overwrite "
+            f"{out} holds a different teacher cache: {'; '.join(diff[:3])}{more}; pass --overwrite "
             f"(cache.overwrite=true) to replace it, or choose another directory"
         )
     if manifest.get("complete"):
@@ -467,8 +467,8 @@ def _generate_rank(teacher, blocks, out, attrs, rank, start, end, batch_size, mo
             bar.update((e - s) * L)
     finally:
         t_loop = time.perf_counter()
+        bar.close()  # first: an error the writer re-raises then starts on a line of its own
         writer.close()
-        bar.close()
     timing["targets_s"] += writer.targets_s  # CPU: top-k etc. in the writer thread, overlapped
     timing["writer_busy_s"] = writer.busy_s  # (targets +) encoding + writing, overlapped with the teacher
     timing["writer_drain_s"] = time.perf_counter() - t_loop  # what the teacher side waited at the end

@@ -1,0 +1,541 @@
+"""Reliability: crashes, full disks, bad input, two processes, long runs (docs/RELIABILITY.md).
+
+The world of these tests (built once, ~10 s): a tiny random Qwen3-MoE teacher (hidden 32,
+2 layers, 4 experts, the embedded tokenizer, a context of 64 tokens), its rank-1
+compressed student, and one reference run of ``moedistill train`` on them: both caches,
+two stages (4 + 3 steps, checkpoints every 2 steps), on one thread so that reruns are
+bit-for-bit comparable. Every bad input is run through the CLI against the reference's
+output directory, which must come out untouched (every path, size, mtime and hash).
+
+Kept small for CI (2 shared CPU cores): the whole file takes about two minutes.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moedistill.cli import main
+from moedistill.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "src"
+RUN = Path("train") / "topk"  # the run directory inside an output_dir
+STEPS = [(1, 0), (2, 0), (3, 0), (4, 0), (5, 1), (6, 1), (7, 1)]  # (global step, stage) of the reference run
+
+
+def env(**extra) -> dict:
+    e = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+             HF_HUB_DISABLE_PROGRESS_BARS="1", TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error", **extra)
+    e["PYTHONPATH"] = str(SRC) + os.pathsep + e.get("PYTHONPATH", "")
+    return e
+
+
+def overrides(w, out, *extra) -> list[str]:
+    return [
+        f"output_dir={out}", f"teacher.name={w.teacher}", f"student.name={w.student}",
+        "data.seq_len=16", "data.max_sequences=16", "data.eval_max_sequences=4",
+        "cache.top_k=8", "cache.batch_size=8", "eval.batch_size=4",
+        "stages.0.max_steps=4", "stages.1.max_steps=3",
+        "training.per_device_train_batch_size=4", "training.logging_steps=1", "training.save_steps=2",
+        "training.report_to=[]", "training.warmup_steps=0", "training.learning_rate=1e-2", *extra,
+    ]
+
+
+def snapshot(root: Path) -> dict:
+    """Every path under ``root`` with (size, mtime, sha256) for files: any change shows."""
+    out = {}
+    for p in sorted(Path(root).rglob("*")):
+        rel = p.relative_to(root).as_posix()
+        if p.is_file():
+            st = p.stat()
+            out[rel] = (st.st_size, st.st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+        else:
+            out[rel] = "dir"
+    return out
+
+
+def error_line(stderr: str) -> str:
+    """The one ``error:`` line, which is the last line, and no traceback."""
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in stderr, stderr
+    return errors[0]
+
+
+def refused(capsys, argv, watch: Path) -> str:
+    """Run the CLI in this process: exit code 2, one error line, ``watch`` untouched."""
+    capsys.readouterr()
+    before = snapshot(watch)
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    line = error_line(err)
+    assert snapshot(watch) == before, f"{argv[0]} changed files under {watch}"
+    return line
+
+
+def weights(out: Path) -> dict:
+    return load_file(out / RUN / "final" / "model.safetensors")
+
+
+def assert_same_weights(out: Path, ref: Path):
+    a, b = weights(out), weights(ref)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def train_log(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / RUN / "log.jsonl").read_text().splitlines()]
+
+
+def with_caches(w, out: Path) -> Path:
+    """A fresh output dir holding copies of the reference caches (so no teacher runs)."""
+    out.mkdir(parents=True)
+    shutil.copytree(w.ref / "cache", out / "cache")
+    return out
+
+
+# --------------------------------------------------------------------------- the world
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Like the subprocesses (OMP_NUM_THREADS=1): sums in the same order, bit-equal runs."""
+    import transformers
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    transformers.utils.logging.disable_progress_bar()
+    yield
+    transformers.utils.logging.enable_progress_bar()
+    torch.set_num_threads(n)
+
+
+def _teacher(vocab: int, seed: int = 0, **kw):
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen3MoeConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=64, tie_word_embeddings=True, eos_token_id=0, initializer_range=0.5, **kw,
+    )
+    return Qwen3MoeForCausalLM(cfg).eval()
+
+
+def _save(model, path: Path, tokenizer=True) -> Path:
+    from moedistill.models import TINY_TEACHER
+
+    model.save_pretrained(path)
+    if tokenizer:
+        for f in TINY_TEACHER.glob("tokenizer*"):
+            shutil.copy(f, path / f.name)
+    return path
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from moedistill.compression import compress_model
+    from moedistill.models import load_tokenizer
+
+    root = tmp_path_factory.mktemp("world")
+    V = len(load_tokenizer("tiny"))
+    teacher = _teacher(V)
+    w = SimpleNamespace(root=root, vocab=V)
+    w.teacher = _save(teacher, root / "teacher")
+    w.student = _save(compress_model(teacher, rank=1), root / "student", tokenizer=False)
+    w.teacher2 = _save(_teacher(V, seed=1), root / "teacher2")  # another teacher, same shapes
+    w.small_student = _save(_teacher(V // 4, seed=2), root / "small-student", tokenizer=False)
+    nan = _teacher(V)
+    with torch.no_grad():
+        nan.model.norm.weight.fill_(float("nan"))
+    w.nan_teacher = _save(nan, root / "nan-teacher")
+    w.data_dir = root / "data"
+    w.data_dir.mkdir()
+    (w.data_dir / "train.txt").write_text("In the beginning God created the heaven and the earth.\n")
+    (w.data_dir / "empty.txt").write_text("\n\n")
+    (w.root / "foreign").mkdir()
+    (w.root / "foreign" / "notes.txt").write_text("not a cache")
+    w.ref = root / "ref"
+    assert main(["train", *overrides(w, w.ref)]) == 0  # the uninterrupted reference run
+    return w
+
+
+# --------------------------------------------------------------------------- crash safety
+
+
+KILL_IN_SAVE = r"""
+import os, signal, sys
+from pathlib import Path
+import moedistill.integrity as integrity
+real = integrity.mark_checkpoint
+def mark(ckpt, info=None):  # every file of the checkpoint is written; its completion record is not
+    if Path(ckpt).parent.name == "01-wrappers" and Path(ckpt).name == "checkpoint-4":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(ckpt, info)
+integrity.mark_checkpoint = mark
+from moedistill.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_kill_9_while_saving_a_checkpoint_then_resume_gives_the_same_weights(world, tmp_path):
+    from moedistill.stages import list_checkpoints
+
+    out = with_caches(world, tmp_path / "out")
+    r = subprocess.run([sys.executable, "-c", KILL_IN_SAVE, "train", *overrides(world, out)], env=env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    run = out / RUN
+    half = run / "01-wrappers" / "checkpoint-4"
+    # all that the Trainer writes is there -- a plain `get_last_checkpoint` would take it -- but not the record
+    assert (half / "model.safetensors").is_file() and (half / "trainer_state.json").is_file()
+    assert not (half / "checkpoint.json").exists()
+    assert [p.relative_to(run).as_posix() for _, p in list_checkpoints(run)] == ["01-wrappers/checkpoint-2"]
+    assert main(["train", "--resume", *overrides(world, out)]) == 0
+    assert_same_weights(out, world.ref)
+    log = [(e["step"], e["stage"]) for e in train_log(out) if "loss" in e]
+    assert log == STEPS  # every step once, in the right stage (entries after the checkpoint dropped)
+
+
+def test_disk_full_while_saving_a_checkpoint_is_never_resumed_from(world, tmp_path, capsys, monkeypatch):
+    import transformers.modeling_utils as mu
+
+    from moedistill.stages import list_checkpoints
+
+    out = with_caches(world, tmp_path / "out")
+    real = mu.safe_save_file
+
+    def half_then_full(tensors, filename, metadata=None):
+        real(tensors, filename, metadata=metadata)
+        if "02-full" in filename and "checkpoint-2" in filename:
+            data = Path(filename).read_bytes()
+            Path(filename).write_bytes(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device", filename)
+
+    monkeypatch.setattr(mu, "safe_save_file", half_then_full)
+    assert main(["train", *overrides(world, out)]) == 2
+    assert "no space left on the device" in error_line(capsys.readouterr().err)
+    monkeypatch.undo()
+    run = out / RUN
+    half = run / "02-full" / "checkpoint-2"
+    assert (half / "model.safetensors").is_file() and not (half / "checkpoint.json").exists()
+    assert list_checkpoints(run)[-1][1] == run / "01-wrappers" / "checkpoint-4"
+    assert not (run / "final").exists()
+    line = refused(capsys, ["train", "--resume", str(half), *overrides(world, out)], out)
+    assert f"checkpoint {half} is incomplete" in line
+    assert main(["train", "--resume", *overrides(world, out)]) == 0  # the latest complete checkpoint
+    assert_same_weights(out, world.ref)
+
+
+def test_disk_full_while_writing_the_cache_is_never_accepted(world, tmp_path, capsys, monkeypatch):
+    from moedistill.cache import format as fmt
+    from moedistill.cache import open_cache
+
+    out = tmp_path / "out"
+    cache = out / "cache" / "topk"
+    argv = ["cache", *overrides(world, out)]
+    real_fsync, real_json = fmt.fsync_path, fmt.atomic_write_json
+
+    def full_at_shard(path):
+        if Path(path).name.startswith("shard-"):  # the merged shard is written, not yet renamed into place
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_fsync(path)
+
+    def full_at_complete_manifest(path, obj):
+        if obj.get("complete"):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_json(path, obj)
+
+    for name, fault in (("fsync_path", full_at_shard), ("atomic_write_json", full_at_complete_manifest)):
+        with monkeypatch.context() as m:
+            m.setattr(fmt, name, fault)
+            assert main(argv) == 2
+        assert "no space left on the device" in error_line(capsys.readouterr().err)
+        with pytest.raises(UserError, match="is incomplete"):
+            open_cache(cache)
+    assert main(argv) == 0  # the same command finishes it
+    got, ref = open_cache(cache), open_cache(world.ref / "cache" / "topk")
+    assert len(got) == len(ref) == 16
+    for i in range(len(ref)):
+        for k, v in ref[i].items():
+            assert torch.equal(got[i][k], v), (i, k)
+
+
+@pytest.mark.parametrize("where", ["student-logits", "teacher-targets"])
+def test_nan_stops_the_run_naming_step_and_batch(world, tmp_path, where):
+    """NaN in the loss (student logits of the batch holding sequence 5) or in the targets of
+    sequence 5 (which the loss alone would count as padding): the run stops at that step."""
+    from transformers import TrainingArguments
+
+    from moedistill.cache import open_cache
+    from moedistill.models import get_model
+    from moedistill.trainer import DistillationTrainer, NonFiniteLossError
+
+    BAD = 5
+
+    class Poisoned(torch.utils.data.Dataset):
+        def __init__(self, ds):
+            self.ds, self.vocab_size = ds, ds.vocab_size
+
+        def __len__(self):
+            return len(self.ds)
+
+        def __getitem__(self, i):
+            item = self.ds[i]
+            if i == BAD and where == "teacher-targets":
+                item["target_logprobs"] = torch.full_like(item["target_logprobs"], float("nan"))
+            return item
+
+    cache = open_cache(world.ref / "cache" / "topk")
+    bad_ids = cache[BAD]["input_ids"]
+    student, _ = get_model(str(world.student), with_tokenizer=False)
+    if where == "student-logits":
+        def poison(module, args, kwargs, out):
+            if (kwargs["input_ids"] == bad_ids).all(-1).any():
+                out.logits = out.logits * float("nan")
+            return out
+
+        student.register_forward_hook(poison, with_kwargs=True)
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), use_cpu=True, report_to=[], per_device_train_batch_size=2,
+                             max_steps=16, save_strategy="steps", save_steps=1, disable_tqdm=True, logging_steps=1)
+    trainer = DistillationTrainer(student, args, train_dataset=Poisoned(cache))
+    with pytest.raises(NonFiniteLossError) as e:
+        trainer.train()
+    msg = str(e.value)
+    step = trainer.state.global_step + 1
+    assert "\n" not in msg
+    assert (f"loss is nan at step {step}" if where == "student-logits" else f"NaN/+inf log-probabilities at step {step}") in msg
+    batch = json.loads(msg.split("batch of training sequences ")[1].split("]")[0] + "]")
+    assert BAD in batch and len(batch) == 2
+    saved = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "run").glob("checkpoint-*"))
+    assert saved == list(range(1, step))  # it stopped: nothing saved at or after the bad step
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _cases(w):
+    """(id, command, extra overrides, what the error line must say); output_dir is the reference's."""
+    return [
+        ("alpha", "train", ["loss.alpha=1.5"], "loss.alpha=1.5 is outside [0, 1]"),
+        ("temperature", "train", ["loss.temperature=0"], "loss.temperature=0.0 must be > 0"),
+        ("top_k<1", "cache", ["cache.top_k=0"], "cache.top_k=0 must be >= 1"),
+        ("top_k>vocab", "cache", ["cache.top_k=5000"], f"top_k=5000 must be between 1 and the teacher's vocabulary size {w.vocab}"),
+        ("regex", "train", ["param_groups.rules=[{pattern: '(['}]"], "is not a valid regex"),
+        ("rule-matches-nothing", "train", ["param_groups.rules=[{pattern: no_such_param, lr_multiplier: 1.0}]"],
+         "param_groups.rules[0] pattern 'no_such_param' matches no parameter"),
+        ("unknown-key", "train", ["+loss.alpah=0.3"], "unknown key 'loss.alpah'"),
+        ("missing-file", "cache", ["data.dataset=/nonexistent/corpus.txt"], "does not exist"),
+        ("missing-split", "cache", [f"data.dataset={w.data_dir}", "data.split=nope"], "no 'nope' split"),
+        ("missing-hub-dataset", "cache", ["data.dataset=nobody/no-such-dataset"], "cannot load dataset 'nobody/no-such-dataset'"),
+        ("empty-dataset", "cache", [f"data.dataset={w.data_dir / 'empty.txt'}"], "holds no text"),
+        ("seq_len>context(cache)", "cache", ["data.seq_len=128"], "data.seq_len=128 is longer than the teacher"),
+        ("seq_len>context(train)", "train", ["data.seq_len=128"], "data.seq_len=128 is longer than the student"),
+        ("cache-of-another-teacher", "cache", [f"teacher.name={w.teacher2}"], "fingerprints.teacher"),
+        ("cache-of-another-seq_len", "train", ["data.seq_len=8"], "seq_len: cache has 16, this run has 8"),
+        ("cache-of-other-data", "cache", ["data.max_sequences=12"], "holds a different teacher cache"),
+        ("cache-of-another-tokenizer", "cache", [f"teacher.name={w.root / 'other-tokenizer'}"], "fingerprints.tokenizer"),
+        ("no-overwrite", "cache", ["cache.top_k=4"], "pass --overwrite (cache.overwrite=true)"),
+        ("dir-holds-other-files", "cache", [f"cache.dir={w.root / 'foreign'}"], "is not empty and holds no teacher cache"),
+        ("student-lacks-ids", "train", [f"student.name={w.small_student}"],
+         f"has a vocabulary of {w.vocab} ids but the student {w.small_student} only {w.vocab // 4}"),
+    ]
+
+
+CASE_IDS = [c[0] for c in _cases(SimpleNamespace(vocab=0, data_dir=Path(), teacher2="", root=Path(), small_student=""))]
+
+
+@pytest.mark.parametrize("case", CASE_IDS)
+def test_bad_input_is_one_line_exit_2_nothing_touched(world, capsys, case):
+    if case == "cache-of-another-tokenizer" and not (world.root / "other-tokenizer").exists():
+        # the teacher's weights, config and name pattern with a tokenizer that has one more token
+        from moedistill.models import load_tokenizer
+
+        d = shutil.copytree(world.teacher, world.root / "other-tokenizer")
+        tok = load_tokenizer(str(d))
+        tok.add_tokens(["<extra-token>"])
+        tok.save_pretrained(d)
+    _, command, extra, needle = next(c for c in _cases(world) if c[0] == case)
+    argv = [command, *overrides(world, world.ref, *extra)]
+    if case == "cache-of-another-teacher" or case == "cache-of-another-tokenizer":
+        argv.append(f"cache.dir={world.ref / 'cache' / 'topk'}")  # the name alone would pick another directory
+    line = refused(capsys, argv, world.root)
+    assert needle in line, line
+
+
+def test_nan_teacher_outputs_name_the_batch_and_leave_no_usable_cache(world, tmp_path, capsys):
+    from moedistill.cache import open_cache
+
+    out = tmp_path / "out"
+    rc = main(["cache", *overrides(world, out, f"teacher.name={world.nan_teacher}")])
+    line = error_line(capsys.readouterr().err)
+    assert rc == 2 and "the teacher produced NaN/inf logits in the batch of sequences 0..7" in line
+    with pytest.raises(UserError, match="incomplete"):
+        open_cache(out / "cache" / "topk")
+
+
+def test_truncated_or_corrupted_shard_stops_train_and_inspect(world, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(world.ref, out)
+    shard = out / "cache" / "topk" / "shard-00000.h5"
+    good = shard.read_bytes()
+    shard.write_bytes(good[:-100])
+    assert "shard-00000.h5 is truncated" in refused(capsys, ["train", *overrides(world, out)], out)
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0xFF
+    shard.write_bytes(bytes(flipped))
+    assert "shard-00000.h5 is corrupted" in refused(capsys, ["train", *overrides(world, out)], out)
+    assert "shard-00000.h5 is corrupted" in refused(capsys, ["inspect", str(shard.parent), "--verify"], out)
+
+
+def test_truncated_corrupted_or_incomplete_checkpoint_is_refused_on_resume(world, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(world.ref, out)
+    run = out / RUN
+    argv = ["train", *overrides(world, out)]
+    cut = run / "02-full" / "checkpoint-2" / "model.safetensors"
+    cut.write_bytes(cut.read_bytes()[:-64])
+    assert f"checkpoint file {cut} is truncated" in refused(capsys, [*argv[:1], "--resume", str(cut.parent), *argv[1:]], out)
+    opt = run / "01-wrappers" / "checkpoint-4" / "optimizer.pt"
+    raw = bytearray(opt.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    opt.write_bytes(bytes(raw))
+    assert f"checkpoint file {opt} is corrupted" in refused(capsys, [*argv[:1], "--resume", str(opt.parent), *argv[1:]], out)
+    (run / "01-wrappers" / "checkpoint-2" / "checkpoint.json").unlink()
+    ckpt = run / "01-wrappers" / "checkpoint-2"
+    assert f"checkpoint {ckpt} is incomplete" in refused(capsys, [*argv[:1], "--resume", str(ckpt), *argv[1:]], out)
+    last = run / "02-full" / "checkpoint-3" / "scheduler.pt"  # --resume alone: the latest, checked likewise
+    last.write_bytes(last.read_bytes() + b"\0")
+    assert f"checkpoint file {last} is truncated or altered" in refused(capsys, [*argv[:1], "--resume", *argv[1:]], out)
+
+
+def test_trainer_refuses_a_cache_with_ids_the_student_lacks(world, tmp_path):
+    from transformers import TrainingArguments
+
+    from moedistill.cache import open_cache
+    from moedistill.models import get_model
+    from moedistill.trainer import DistillationTrainer
+
+    small, _ = get_model(str(world.small_student), with_tokenizer=False)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], max_steps=1)
+    with pytest.raises(UserError, match=f"vocabulary of {world.vocab} ids but the student only {world.vocab // 4}"):
+        DistillationTrainer(small, args, train_dataset=open_cache(world.ref / "cache" / "topk"))
+
+
+@pytest.mark.parametrize("case", ["alpha", "missing-file", "truncated-checkpoint"])
+def test_bad_input_through_a_real_process(world, tmp_path, case):
+    """The same promises from `python -m moedistill.cli`: stderr is exactly one line."""
+    out = world.ref
+    extra = {"alpha": ["loss.alpha=-0.1"], "missing-file": ["data.dataset=/nonexistent/corpus.txt"]}.get(case, [])
+    argv = ["cache" if case == "missing-file" else "train", *overrides(world, out, *extra)]
+    if case == "truncated-checkpoint":
+        out = tmp_path / "out"
+        shutil.copytree(world.ref, out)
+        f = out / RUN / "02-full" / "checkpoint-2" / "model.safetensors"
+        f.write_bytes(f.read_bytes()[:100])
+        argv = ["train", "--resume", str(f.parent), *overrides(world, out)]
+    before = snapshot(out)
+    r = subprocess.run([sys.executable, "-m", "moedistill.cli", *argv], env=env(), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2, r.stderr[-3000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    assert {"alpha": "loss.alpha=-0.1 is outside [0, 1]", "missing-file": "does not exist",
+            "truncated-checkpoint": "is truncated"}[case] in lines[0]
+    assert snapshot(out) == before
+
+
+# --------------------------------------------------------------------------- multi-process and long runs
+
+
+def test_torchrun_two_processes_train_like_one(world, tmp_path):
+    """2 CPU processes (gloo, 2 sequences each) against the reference (1 process, 4 sequences):
+    the same global batches, so the same loss curve and weights up to float summation order."""
+    out = with_caches(world, tmp_path / "out")
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    cmd = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "moedistill.cli", "train",
+           *overrides(world, out, "training.per_device_train_batch_size=2")]
+    r = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ref = {e["step"]: e for e in train_log(world.ref) if "loss" in e}
+    two = {e["step"]: e for e in train_log(out) if "loss" in e}
+    assert [(s, e["stage"]) for s, e in two.items()] == STEPS
+    for s, e in ref.items():
+        for k in ("loss", "ce_loss", "kl_loss", "grad_norm"):
+            assert two[s][k] == pytest.approx(e[k], rel=1e-4), (s, k)
+    evals = [[e["eval_kl"] for e in train_log(d) if "eval_kl" in e] for d in (world.ref, out)]
+    assert evals[1] == pytest.approx(evals[0], rel=1e-5)
+    a, b = weights(out), weights(world.ref)
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    # the checkpoint records both processes' RNG state, and is complete
+    files = json.loads((out / RUN / "02-full" / "checkpoint-2" / "checkpoint.json").read_text())["files"]
+    assert {"rng_state_0.pth", "rng_state_1.pth", "model.safetensors", "optimizer.pt"} <= files.keys()
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_memory_stays_flat_over_many_passes_of_the_cache(world, tmp_path):
+    """96 steps of 2 sequences = 12 passes over a 16-sequence, one-shard cache, read through the
+    real HDF5 reader: resident memory after warm-up does not grow with the steps."""
+    from transformers import TrainerCallback, TrainingArguments
+
+    from moedistill.cache import open_cache
+    from moedistill.models import get_model
+    from moedistill.trainer import DistillationTrainer
+
+    class Rss(TrainerCallback):
+        def __init__(self):
+            self.rss = []
+
+        def on_step_end(self, args, state, control, **kw):
+            self.rss.append(_rss())
+
+    student, _ = get_model(str(world.student), with_tokenizer=False)
+    data = open_cache(world.ref / "cache" / "topk")
+    assert len(data.manifest["shards"]) == 1
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], per_device_train_batch_size=2,
+                             max_steps=96, save_strategy="no", logging_steps=8, disable_tqdm=True, learning_rate=1e-3)
+    tap = Rss()
+    DistillationTrainer(student, args, train_dataset=data, callbacks=[tap]).train()
+    n = len(tap.rss)
+    assert n == 96
+    growth = max(tap.rss[n // 2 :]) - tap.rss[n // 4]
+    assert growth < 16 * 2**20, f"RSS grew {growth / 2**20:.1f} MiB from step {n // 4} to the end"
+
+
+def test_accelerate_configs_load_and_name_their_backend():
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+
+    conf = SRC / "moedistill" / "conf" / "accelerate"
+    want = {"ddp.yaml": "multi_gpu", "fsdp.yaml": "use_fsdp", "deepspeed_zero3.yaml": "use_deepspeed"}
+    assert {p.name for p in conf.glob("*.yaml")} == set(want)
+    for name, flag in want.items():
+        text = (conf / name).read_text()
+        assert f"accelerate launch --config_file src/moedistill/conf/accelerate/{name}" in text  # documented launch
+        args = launch_command_parser().parse_args(["--config_file", str(conf / name), "-m", "moedistill.cli", "train"])
+        args, _, _ = _validate_launch_command(args)
+        assert getattr(args, flag) and args.module and args.mixed_precision == "bf16", name
+    args, _, _ = _validate_launch_command(
+        launch_command_parser().parse_args(["--config_file", str(conf / "deepspeed_zero3.yaml"), "x.py"]))
+    assert int(args.zero_stage) == 3 and not args.zero3_init_flag in (True, "true")
+    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(["--config_file", str(conf / "fsdp.yaml"), "x.py"]))
+    assert str(args.fsdp_version) == "2" and args.fsdp_state_dict_type == "FULL_STATE_DICT"
