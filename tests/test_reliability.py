@@ -346,7 +346,8 @@ def _cases(w):
         ("empty-dataset", "cache", [f"data.dataset={w.data_dir / 'empty.txt'}"], "holds no text"),
         ("seq_len>context(cache)", "cache", ["data.seq_len=128"], "data.seq_len=128 is longer than the teacher"),
         ("seq_len>context(train)", "train", ["data.seq_len=128"], "data.seq_len=128 is longer than the student"),
-        ("cache-of-another-teacher", "cache", [f"teacher.name={w.teacher2}"], "fingerprints.teacher"),
+        ("cache-of-another-teacher", "cache", [f"teacher.name={w.teacher2}"],
+         f"fingerprints.teacher.name: cache has {w.teacher}, this run has {w.teacher2}"),
         ("cache-of-another-seq_len", "train", ["data.seq_len=8"], "seq_len: cache has 16, this run has 8"),
         ("cache-of-other-data", "cache", ["data.max_sequences=12"], "holds a different teacher cache"),
         ("cache-of-another-tokenizer", "cache", [f"teacher.name={w.root / 'other-tokenizer'}"], "fingerprints.tokenizer"),
@@ -357,7 +358,8 @@ def _cases(w):
     ]
 
 
-CASE_IDS = [c[0] for c in _cases(SimpleNamespace(vocab=0, data_dir=Path(), teacher2="", root=Path(), small_student=""))]
+CASE_IDS = [c[0] for c in _cases(SimpleNamespace(vocab=0, data_dir=Path(), teacher="", teacher2="", root=Path(),
+                                                  small_student=""))]
 
 
 @pytest.mark.parametrize("case", CASE_IDS)

@@ -289,16 +289,20 @@ def identity_diff(have: dict, want: dict) -> list[str]:
     """Human-readable differences between two identities (empty if they match)."""
     out = []
     for k in IDENTITY_KEYS:
-        a, b = have.get(k), want.get(k)
-        if a == b:
-            continue
-        if isinstance(a, dict) and isinstance(b, dict):
-            for sub in sorted(set(a) | set(b)):
-                if a.get(sub) != b.get(sub):
-                    out.append(f"{k}.{sub}: cache has {_short(a.get(sub))}, this run has {_short(b.get(sub))}")
-        else:
-            out.append(f"{k}: cache has {_short(a)}, this run has {_short(b)}")
+        _diff(k, have.get(k), want.get(k), out)
     return out
+
+
+def _diff(key: str, a, b, out: list) -> None:
+    """Nested dicts down to the differing leaf (``fingerprints.teacher.name``), so that the
+    shortened values shown are the ones that differ."""
+    if a == b:
+        return
+    if isinstance(a, dict) and isinstance(b, dict):
+        for sub in sorted(set(a) | set(b)):
+            _diff(f"{key}.{sub}", a.get(sub), b.get(sub), out)
+    else:
+        out.append(f"{key}: cache has {_short(a)}, this run has {_short(b)}")
 
 
 def _short(v) -> str:
