@@ -76,3 +76,15 @@ def test_ece_by_hand():
     x = np.array([[0, 0, 1, 0, 1]])  # labels: 0 1 0 1 -> accuracy 0.5 at confidence 0.8
     m = evaluate_model(Fixed(), x, ece_bins=10)
     assert math.isclose(m["ece"], 0.3, rel_tol=1e-6)
+
+
+def test_evaluating_models_together_equals_one_at_a_time():
+    from moedistill.evaluate import evaluate_models
+
+    a, b, t = _small_moe(0), _small_moe(1), _small_moe(2)
+    x = torch.randint(0, 64, (4, 10), generator=torch.Generator().manual_seed(3)).numpy()
+    both = evaluate_models({"a": a, "b": b}, x, teacher=t, batch_size=3)
+    for name, m in (("a", a), ("b", b)):
+        single = evaluate_model(m, x, teacher=t, batch_size=3)
+        for key in ("perplexity", "kl", "agreement", "ece"):
+            assert math.isclose(both[name][key], single[key], rel_tol=1e-9), key

@@ -78,9 +78,62 @@ def _kl_sparse(ids: torch.Tensor, t_lp: torch.Tensor, s_logp: torch.Tensor) -> t
     return kl_in + kl_rest
 
 
+class _Metrics:
+    """Running sums of one model's metrics over batches."""
+
+    def __init__(self, model, ece_bins: int):
+        self.model = model
+        self.bins = ece_bins
+        self.rec = _ExpertLoadRecorder(model)
+        self.nll = self.agree = self.kl = 0.0
+        self.n = 0
+        self.conf = torch.zeros(ece_bins, dtype=torch.float64)
+        self.acc = torch.zeros(ece_bins, dtype=torch.float64)
+        self.cnt = torch.zeros(ece_bins, dtype=torch.float64)
+
+    def update(self, x, y, mask, t_logits=None, t_ids=None, t_lps=None):
+        device = next(self.model.parameters()).device
+        s_logp = F.log_softmax(self.model(input_ids=x.to(device)).logits.float(), dim=-1)[mask.to(device)]  # [n, V]
+        yy = y[mask].to(device)
+        self.nll += -s_logp.gather(-1, yy[:, None]).sum().item()
+        self.n += int(mask.sum())
+        conf, pred = s_logp.max(-1)
+        conf = conf.exp().double().cpu()
+        b = (conf * self.bins).long().clamp(max=self.bins - 1)
+        self.conf += torch.bincount(b, conf, self.bins)
+        self.acc += torch.bincount(b, (pred == yy).double().cpu(), self.bins)
+        self.cnt += torch.bincount(b, minlength=self.bins).double()
+        if t_logits is not None:
+            t_logits = t_logits.to(device)
+            self.kl += _kl_full(t_logits, s_logp).sum().item()
+            self.agree += (t_logits.argmax(-1) == pred).sum().item()
+        elif t_ids is not None:
+            ids, lps = t_ids.to(device), t_lps.to(device)
+            self.kl += _kl_sparse(ids, lps, s_logp).sum().item()
+            top = lps.masked_fill(ids < 0, -math.inf).argmax(-1, keepdim=True)
+            self.agree += (ids.gather(-1, top).squeeze(-1) == pred).sum().item()
+
+    def result(self, has_teacher: bool) -> dict:
+        self.rec.close()
+        n = max(self.n, 1)
+        out = {
+            "ce": self.nll / n,
+            "perplexity": math.exp(self.nll / n),
+            "tokens": self.n,
+            "ece": float((self.acc - self.conf).abs().sum() / self.cnt.sum().clamp_min(1)),
+        }
+        if has_teacher:
+            out["agreement"] = self.agree / n
+            out["kl"] = self.kl / n
+        load = self.rec.fractions()
+        if load:
+            out["expert_load"] = load
+        return out
+
+
 @torch.no_grad()
-def evaluate_model(
-    model,
+def evaluate_models(
+    models: dict,
     input_ids: np.ndarray | torch.Tensor,
     *,
     teacher=None,
@@ -88,71 +141,48 @@ def evaluate_model(
     batch_size: int = 8,
     ece_bins: int = 15,
     desc: str = "eval",
-) -> dict:
-    """Evaluate ``model`` on packed blocks.
+) -> dict[str, dict]:
+    """Evaluate several models on the same packed blocks, running the teacher once per batch.
 
     Args:
-        model: a causal LM returning ``.logits`` [B, L, V].
+        models: ``{name: causal LM returning .logits [B, L, V]}``.
         input_ids: int [N, L] packed blocks.
         teacher: optional teacher model (exact KL and agreement), or
         teacher_targets: optional sequence of cache items (dicts with ``target_ids`` [L, K]
             and ``target_logprobs`` [L, K]) aligned with ``input_ids`` (top-k cache).
     Returns:
-        dict with ``perplexity``, ``ce``, ``tokens`` and, given a teacher, ``agreement``
-        and ``kl``; ``ece``; ``expert_load`` for MoE models.
+        ``{name: metrics}``; metrics hold ``perplexity``, ``ce``, ``tokens``, ``ece`` and,
+        given a teacher, ``agreement`` and ``kl``; ``expert_load`` for MoE models.
     """
-    device = next(model.parameters()).device
     x_all = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
-    model.eval()
-    rec = _ExpertLoadRecorder(model)
-    sums = {"nll": 0.0, "agree": 0.0, "kl": 0.0, "n": 0}
-    conf_sum = torch.zeros(ece_bins, dtype=torch.float64)
-    acc_sum = torch.zeros(ece_bins, dtype=torch.float64)
-    cnt = torch.zeros(ece_bins, dtype=torch.float64)
-    has_teacher = teacher is not None or teacher_targets is not None
+    for m in models.values():
+        m.eval()
+    acc = {name: _Metrics(m, ece_bins) for name, m in models.items()}
     try:
         for i in tqdm(range(0, len(x_all), batch_size), desc=desc, unit="batch", leave=False):
-            x = x_all[i : i + batch_size].to(device)
+            x = x_all[i : i + batch_size]
             y = shifted_labels(x)
             mask = y != -100
-            s_logp = F.log_softmax(model(input_ids=x).logits.float(), dim=-1)[mask]  # [n, V]
-            yy = y[mask]
-            sums["nll"] += -s_logp.gather(-1, yy[:, None]).sum().item()
-            sums["n"] += int(mask.sum())
-            conf, pred = s_logp.max(-1)
-            conf = conf.exp().double().cpu()
-            correct = (pred == yy).double().cpu()
-            b = (conf * ece_bins).long().clamp(max=ece_bins - 1)
-            conf_sum += torch.bincount(b, conf, ece_bins)
-            acc_sum += torch.bincount(b, correct, ece_bins)
-            cnt += torch.bincount(b, minlength=ece_bins).double()
+            kw = {}
             if teacher is not None:
-                t_logits = teacher(input_ids=x.to(next(teacher.parameters()).device)).logits.to(device)[mask]
-                sums["kl"] += _kl_full(t_logits, s_logp).sum().item()
-                sums["agree"] += (t_logits.argmax(-1) == pred).sum().item()
+                kw["t_logits"] = teacher(input_ids=x.to(next(teacher.parameters()).device)).logits[mask.to(
+                    next(teacher.parameters()).device)]
             elif teacher_targets is not None:
                 items = [teacher_targets[j] for j in range(i, min(i + batch_size, len(x_all)))]
-                ids = torch.stack([torch.as_tensor(it["target_ids"]) for it in items]).to(device)[mask]
-                lps = torch.stack([torch.as_tensor(it["target_logprobs"]) for it in items]).to(device)[mask]
-                sums["kl"] += _kl_sparse(ids, lps, s_logp).sum().item()
-                top = lps.masked_fill(ids < 0, -math.inf).argmax(-1, keepdim=True)
-                sums["agree"] += (ids.gather(-1, top).squeeze(-1) == pred).sum().item()
+                kw["t_ids"] = torch.stack([torch.as_tensor(it["target_ids"]) for it in items])[mask]
+                kw["t_lps"] = torch.stack([torch.as_tensor(it["target_logprobs"]) for it in items])[mask]
+            for a in acc.values():
+                a.update(x, y, mask, **kw)
     finally:
-        rec.close()
-    n = max(sums["n"], 1)
-    out = {
-        "ce": sums["nll"] / n,
-        "perplexity": math.exp(sums["nll"] / n),
-        "tokens": sums["n"],
-        "ece": float(((acc_sum - conf_sum).abs()).sum() / cnt.sum().clamp_min(1)),
-    }
-    if has_teacher:
-        out["agreement"] = sums["agree"] / n
-        out["kl"] = sums["kl"] / n
-    load = rec.fractions()
-    if load:
-        out["expert_load"] = load
-    return out
+        for a in acc.values():
+            a.rec.close()
+    has_teacher = teacher is not None or teacher_targets is not None
+    return {name: a.result(has_teacher) for name, a in acc.items()}
+
+
+def evaluate_model(model, input_ids, **kwargs) -> dict:
+    """``evaluate_models`` for one model; same arguments, returns its metrics dict."""
+    return evaluate_models({"model": model}, input_ids, **kwargs)["model"]
 
 
 def count_parameters(model) -> int:

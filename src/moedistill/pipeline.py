@@ -92,7 +92,7 @@ def run(cfg: Config) -> Path:
 
 def _evaluate_all(cfg: Config, ckpt0: Path, results: dict):
     from moedistill.data import prepare
-    from moedistill.evaluate import count_parameters, evaluate_model
+    from moedistill.evaluate import count_parameters, evaluate_models
     from moedistill.models import get_model
 
     teacher, tok = get_model(cfg.teacher.name, dtype=cfg.teacher.dtype, device_map=cfg.teacher.device_map,
@@ -100,14 +100,18 @@ def _evaluate_all(cfg: Config, ckpt0: Path, results: dict):
     blocks = prepare(tok, cfg.data.dataset, seq_len=cfg.data.seq_len, dataset_config=cfg.data.dataset_config,
                      split=cfg.data.eval_split, text_field=cfg.data.text_field,
                      max_sequences=cfg.eval.max_sequences or cfg.data.eval_max_sequences).blocks
-    kw = dict(batch_size=cfg.eval.batch_size, ece_bins=cfg.eval.ece_bins)
+    # All models are evaluated in one pass over the data so the teacher runs once per batch
+    # (it dominates the cost). That holds every student in memory at once: fine for the
+    # embedded default; for large students run `moedistill eval` per model with --cache.
+    paths = {"teacher": None, "checkpoint-0": str(ckpt0), **{k: v["final_dir"] for k, v in results.items()}}
+    models = {name: teacher if path is None else get_model(path, dtype=cfg.student.dtype, with_tokenizer=False)[0]
+              for name, path in paths.items()}
+    metrics = evaluate_models(models, blocks, teacher=teacher, batch_size=cfg.eval.batch_size,
+                              ece_bins=cfg.eval.ece_bins, desc="evaluate")
     rows = []
-    models = [("teacher", None), ("checkpoint-0", str(ckpt0))] + [(k, v["final_dir"]) for k, v in results.items()]
-    for name, path in models:
-        model = teacher if path is None else get_model(path, dtype=cfg.student.dtype, with_tokenizer=False)[0]
-        m = evaluate_model(model, blocks, teacher=teacher, desc=name, **kw)
+    for name, m in metrics.items():
         m.pop("expert_load", None)
-        rows.append({"name": name, "parameters": count_parameters(model), "path": path, **m})
+        rows.append({"name": name, "parameters": count_parameters(models[name]), "path": paths[name], **m})
     curves, bounds = {}, {}
     for name, r in results.items():
         curves[name] = r.get("log_history", [])
