@@ -2,6 +2,10 @@ import os
 
 import pytest
 
+# One intra-op thread per process: the tests' tensors are tiny, many tests start
+# subprocesses (CLI, torchrun), and two processes each spinning two OpenMP threads on a
+# 2-core machine run many times slower than one thread each.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -119,10 +119,7 @@ def write_report(
         for r in rows:
             if r["name"] not in ("teacher",):
                 r["gap_closed"] = gap_closed(c, r["perplexity"], t)
-    md = ["# moedistill report", ""]
-    if settings:
-        md += ["## Settings", "", "```json", json.dumps(settings, indent=2), "```", ""]
-    md += ["## Models on the validation split", "", markdown_table(rows), ""]
+    md = ["# moedistill report", "", "## Models on the validation split", "", markdown_table(rows), ""]
     md += ["`gap closed` = (ppl(checkpoint-0) − ppl(model)) / (ppl(checkpoint-0) − ppl(teacher)).", ""]
     md += ["![perplexity per model](perplexity.png)", ""]
     plot_perplexity(rows, out / "perplexity.png")
@@ -132,6 +129,8 @@ def write_report(
                "", "![losses](losses.png)", ""]
     if notes:
         md += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    if settings:
+        md += ["## Settings", "", "```json", json.dumps(settings, indent=2), "```", ""]
     path = out / "report.md"
     tmp = path.with_suffix(".md.tmp")
     tmp.write_text("\n".join(md))
