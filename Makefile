@@ -19,7 +19,7 @@ demo: setup
 	$(BIN)/moedistill run
 
 test: setup
-	$(BIN)/python -m pytest -x -q
+	$(BIN)/python -m pytest -q
 
 bench: setup
 	$(BIN)/python benchmarks/bench_cache.py
