@@ -36,8 +36,10 @@ teacher, the embedded default's batch 16 x 128) along the DistillationTrainer's 
   (a) CE only                     student forward + F.cross_entropy + backward + AdamW
   (b) distill, cache              training_step on a batch carrying top-k targets
   (c) distill, online teacher     training_step with the teacher computing full logits
-Each of (b), (c) runs in its own fresh process alternating with (a), as above; the
-teacher is not resident in (b)'s process. "with models" adds what the step holds
+Each of (b), (c) is timed in its own fresh process alternating with (a), as above, and
+its peak measured in another (glibc told to mmap every allocation >= 64 KiB, so a tiny
+model's freed tensors leave the RSS; that slows allocation, hence the separate timing
+process); the teacher is not resident in (b)'s processes. "with models" adds what the step holds
 throughout: the student's weights and gradients, the AdamW state, the batch and, for
 (c), the teacher. ``python benchmarks/bench_loss.py --section step``
 """
@@ -353,10 +355,10 @@ class StepBench:
     device: str
 
 
-def _step_worker(variant: str, cfg_dict: dict) -> dict:
+def _step_worker(variant: str, cfg_dict: dict, measure: str) -> dict:
     """In a fresh process: one optimizer step of the tiny student, ``variant`` alternating
-    with a CE-only step (``repeats`` rounds each, after one warm-up round that creates the
-    optimizer state); the first timed round also measures each one's peak memory.
+    with a CE-only step, after one warm-up round that creates the optimizer state.
+    ``measure="memory"``: one round, each step's peak memory; ``"time"``: ``repeats`` rounds.
 
     (a) CE only: student forward, F.cross_entropy, backward, AdamW step.
     (b) cache: DistillationTrainer.training_step on a batch carrying top-k targets (the
@@ -422,31 +424,24 @@ def _step_worker(variant: str, cfg_dict: dict) -> dict:
         "teacher": nbytes(teacher.parameters()) if teacher is not None else 0,
         "batch": nbytes(batch.values()),
     }
-    peaks, times = {}, {name: [] for name in names}
-    for name in names:
-        gc.collect()
-        with peak_memory(cfg.device) as mem:
-            t0 = time.perf_counter()
-            step(name)
-            _sync(cfg.device)
-            times[name].append(time.perf_counter() - t0)
-        peaks[name] = mem["peak"]
-    for _ in range(cfg.repeats - 1):
+    if measure == "memory":
+        peaks = {}
+        for name in names:
+            gc.collect()
+            with peak_memory(cfg.device) as mem:
+                step(name)
+                _sync(cfg.device)
+            peaks[name] = mem["peak"]
+        return {"peak": peaks[variant], "ce_peak": peaks["ce"], "held": held, "method": mem["method"]}
+    times = {name: [] for name in names}
+    for _ in range(cfg.repeats):
         for name in names:
             _sync(cfg.device)
             t0 = time.perf_counter()
             step(name)
             _sync(cfg.device)
             times[name].append(time.perf_counter() - t0)
-    return {
-        "peak": peaks[variant],
-        "ce_peak": peaks["ce"],
-        "held": held,
-        "method": mem["method"],
-        "times": times[variant],
-        "ce_times": times["ce"],
-        "threads": torch.get_num_threads(),
-    }
+    return {"times": times[variant], "ce_times": times["ce"], "threads": torch.get_num_threads()}
 
 
 def step_section(args):
@@ -465,21 +460,23 @@ def step_section(args):
         f"batch {cfg.batch_size} x {cfg.seq_len}, k={cfg.k}, alpha={cfg.alpha}, T={cfg.temperature}, AdamW, "
         f"device={cfg.device}, {cfg.repeats} timed rounds"
     )
-    # glibc: mmap every allocation >= 64 KiB, so the small tensors of a tiny model leave the RSS
-    # when freed and each step's peak shows in VmHWM (the loss section's tensors are mmap'ed anyway)
-    old = os.environ.get("MALLOC_MMAP_THRESHOLD_")
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    try:
-        results = {}
-        for variant in ("cache", "online"):
-            t0 = time.perf_counter()
-            results[variant] = run_in_fresh_process(_step_worker, variant, asdict(cfg))
-            print(f"  {STEP_VARIANTS[variant]} done in {time.perf_counter() - t0:.0f} s", flush=True)
-    finally:
-        if old is None:
-            os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
-        else:
-            os.environ["MALLOC_MMAP_THRESHOLD_"] = old
+    results = {}
+    for variant in ("cache", "online"):
+        t0 = time.perf_counter()
+        # memory: glibc told to mmap every allocation >= 64 KiB, so the small tensors of a tiny
+        # model leave the RSS when freed and each step's peak shows in VmHWM. That makes every
+        # allocation a page-faulting mmap, so time is measured in another process without it.
+        old = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+        try:
+            mem = run_in_fresh_process(_step_worker, variant, asdict(cfg), "memory")
+        finally:
+            if old is None:
+                os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
+            else:
+                os.environ["MALLOC_MMAP_THRESHOLD_"] = old
+        results[variant] = {**mem, **run_in_fresh_process(_step_worker, variant, asdict(cfg), "time")}
+        print(f"  {STEP_VARIANTS[variant]} done in {time.perf_counter() - t0:.0f} s", flush=True)
     first = results["cache"]
     results = {"ce": {**first, "peak": first["ce_peak"], "times": first["ce_times"]}, **results}
     rows = []
