@@ -6,8 +6,8 @@ The same job as ``moedistill compress && moedistill cache && moedistill train``,
 pieces in view. ``moedistill.train.train_from_config(cfg)`` does steps 2-5 in one call.
 """
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
 from moedistill.cache import open_cache
@@ -20,7 +20,9 @@ from moedistill.stages import plan_stages, run_stages
 from moedistill.trainer import collate
 from moedistill.train import training_arguments
 
-out = sys.argv[1] if len(sys.argv) > 1 else "outputs/example"
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("output_dir", nargs="?", default="outputs/example", help="where every artefact goes")
+out = parser.parse_args().output_dir
 
 # 1. Configuration: conf/distillation/tiny.yaml plus Hydra-style overrides.
 cfg = load_config("tiny", [f"output_dir={out}"])
