@@ -387,7 +387,7 @@ def test_training_arguments_pass_through(tmp_path):
     from moedistill.config import load_config
     from moedistill.train import training_arguments
 
-    cfg = load_config("tiny", ["+training.bf16=true", "training.gradient_accumulation_steps=4", "seed=7"])
+    cfg = load_config("tiny", ["training.bf16=true", "training.gradient_accumulation_steps=4", "seed=7"])
     args = training_arguments(cfg, tmp_path / "run")
     assert args.bf16 and args.gradient_accumulation_steps == 4 and args.seed == 7
     assert args.remove_unused_columns is False and args.output_dir == str(tmp_path / "run")
