@@ -114,7 +114,6 @@ class _Metrics:
             self.agree += (ids.gather(-1, top).squeeze(-1) == pred).sum().item()
 
     def result(self, has_teacher: bool) -> dict:
-        self.rec.close()
         n = max(self.n, 1)
         out = {
             "ce": self.nll / n,
@@ -189,13 +188,21 @@ def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def eval_blocks(cfg, tokenizer) -> np.ndarray:
+    """The packed blocks of ``cfg.data.eval_split`` that evaluation uses (``eval.max_sequences`` first)."""
+    from moedistill.data import prepare
+
+    d = cfg.data
+    return prepare(tokenizer, d.dataset, seq_len=d.seq_len, dataset_config=d.dataset_config, split=d.eval_split,
+                   text_field=d.text_field, max_sequences=cfg.eval.max_sequences or d.eval_max_sequences).blocks
+
+
 def eval_from_config(cfg, model: str | None = None, cache: str | None = None, output: str | None = None) -> dict:
     """``moedistill eval``: evaluate ``model`` (default: the trained top-k student) on the eval split.
 
     The teacher is used online when it fits (it is loaded from ``cfg.teacher``); with
     ``cache`` (a cache of the eval split) the teacher is not loaded at all.
     """
-    from moedistill.data import prepare
     from moedistill.models import get_model
 
     name = model or str(Path(cfg.output_dir) / "train" / "topk" / "final")
@@ -210,9 +217,7 @@ def eval_from_config(cfg, model: str | None = None, cache: str | None = None, ou
     else:
         teacher, tok = get_model(cfg.teacher.name, dtype=cfg.teacher.dtype, device_map=cfg.teacher.device_map,
                                  trust_remote_code=cfg.teacher.trust_remote_code)
-        blocks = prepare(tok, cfg.data.dataset, seq_len=cfg.data.seq_len, dataset_config=cfg.data.dataset_config,
-                         split=cfg.data.eval_split, text_field=cfg.data.text_field,
-                         max_sequences=cfg.eval.max_sequences or cfg.data.eval_max_sequences).blocks
+        blocks = eval_blocks(cfg, tok)
     if cfg.eval.max_sequences:
         blocks = blocks[: cfg.eval.max_sequences]
     metrics = evaluate_model(student, blocks, teacher=teacher, teacher_targets=targets,

@@ -91,15 +91,12 @@ def run(cfg: Config) -> Path:
 
 
 def _evaluate_all(cfg: Config, ckpt0: Path, results: dict):
-    from moedistill.data import prepare
-    from moedistill.evaluate import count_parameters, evaluate_models
+    from moedistill.evaluate import count_parameters, eval_blocks, evaluate_models
     from moedistill.models import get_model
 
     teacher, tok = get_model(cfg.teacher.name, dtype=cfg.teacher.dtype, device_map=cfg.teacher.device_map,
                              trust_remote_code=cfg.teacher.trust_remote_code)
-    blocks = prepare(tok, cfg.data.dataset, seq_len=cfg.data.seq_len, dataset_config=cfg.data.dataset_config,
-                     split=cfg.data.eval_split, text_field=cfg.data.text_field,
-                     max_sequences=cfg.eval.max_sequences or cfg.data.eval_max_sequences).blocks
+    blocks = eval_blocks(cfg, tok)
     # All models are evaluated in one pass over the data so the teacher runs once per batch
     # (it dominates the cost). That holds every student in memory at once: fine for the
     # embedded default; for large students run `moedistill eval` per model with --cache.
