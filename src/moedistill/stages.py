@@ -151,6 +151,13 @@ def _read_json(path: Path):
         return None
 
 
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def write_plan(run_dir: Path, stages: list[Stage], done: set[int]) -> None:
     plan = {"stages": [{**s.to_dict(), "done": s.index in done} for s in stages]}
     tmp = run_dir / (STAGES_FILE + ".tmp")
@@ -326,15 +333,20 @@ def run_stages(
         stage, ckpt, stage_step = find_checkpoint(run_dir, resume, stages)
         first = stage.index
     check_stages(model, stages[first:], train_dataset=train_dataset, eval_dataset=eval_dataset, teacher=teacher)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    main = args.process_index == 0  # under torchrun every rank runs this; only rank 0 touches the run dir
     if resume:
-        _trim_log(run_dir, stage.start_step + stage_step)
         logger.info("resuming stage %s at its step %d (global step %d) from %s", stage.name, stage_step,
                     stage.start_step + stage_step, ckpt)
-    else:
-        _clear_previous(run_dir, stages)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            _trim_log(run_dir, stage.start_step + stage_step)
+        else:
+            _clear_previous(run_dir, stages)
     done = set(range(first))
-    write_plan(run_dir, stages, done)
+    if main:
+        write_plan(run_dir, stages, done)
+    _barrier()  # no rank starts writing the stage dirs before rank 0 has cleared them
     result = {"run_dir": str(run_dir), "final_model": None, "stages": [s.to_dict() for s in stages], "train_metrics": {}}
     trainer = None
     for st in stages[first:]:
@@ -387,7 +399,8 @@ def run_stages(
                            result["stopped_at"])
             return result
         done.add(st.index)
-        write_plan(run_dir, stages, done)
+        if main:
+            write_plan(run_dir, stages, done)
     final = run_dir / FINAL_DIR
     tmp = run_dir / (FINAL_DIR + ".tmp")
     if trainer.args.should_save:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 from pathlib import Path
 
 from moedistill.config import Config
@@ -39,7 +40,8 @@ def _setup_logging() -> None:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
         root.addHandler(handler)
-        root.setLevel(logging.INFO)
+        # under torchrun only rank 0 reports progress; the others still show warnings and errors
+        root.setLevel(logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING)
 
 
 def _eval_cache_config(cfg: Config) -> Config:
@@ -193,7 +195,10 @@ def train_from_config(
     }
     if "stopped_at" in out:
         result["stopped_at"] = out["stopped_at"]
-    (run_dir / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    if args.process_index == 0:
+        tmp = run_dir / "metrics.json.tmp"
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        tmp.replace(run_dir / "metrics.json")
     result["log_history"] = history
     first, last = result["initial_eval"], result["final_eval"]
     if first and last:
