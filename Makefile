@@ -19,7 +19,7 @@ demo: setup
 	$(BIN)/moedistill run
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest
 
 bench: setup
 	$(BIN)/python benchmarks/bench_cache.py
