@@ -46,7 +46,7 @@ def env(**extra) -> dict:
 def overrides(w, out, *extra) -> list[str]:
     return [
         f"output_dir={out}", f"teacher.name={w.teacher}", f"student.name={w.student}",
-        "data.seq_len=16", "data.max_sequences=16", "data.eval_max_sequences=4",
+        "data.seq_len=16", "data.max_sequences=16", "data.eval_max_sequences=5",
         "cache.top_k=8", "cache.batch_size=8", "eval.batch_size=4",
         "stages.0.max_steps=4", "stages.1.max_steps=3",
         "training.per_device_train_batch_size=4", "training.logging_steps=1", "training.save_steps=2",
@@ -480,8 +480,10 @@ def test_torchrun_two_processes_train_like_one(world, tmp_path):
     for s, e in ref.items():
         for k in ("loss", "ce_loss", "kl_loss", "grad_norm"):
             assert two[s][k] == pytest.approx(e[k], rel=1e-4), (s, k)
-    evals = [[e["eval_kl"] for e in train_log(d) if "eval_kl" in e] for d in (world.ref, out)]
-    assert evals[1] == pytest.approx(evals[0], rel=1e-5)
+    # 5 validation sequences on 2 processes: each counted once (no repeated sequence to even the batches)
+    evals = [[(e["eval_kl"], e["eval_tokens"]) for e in train_log(d) if "eval_kl" in e] for d in (world.ref, out)]
+    assert [t for _, t in evals[1]] == [t for _, t in evals[0]] == [5 * 15] * len(evals[0])  # 15 labels per 16-token sequence
+    assert [kl for kl, _ in evals[1]] == pytest.approx([kl for kl, _ in evals[0]], rel=1e-5)
     a, b = weights(out), weights(world.ref)
     for k in b:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)

@@ -337,6 +337,36 @@ def test_resume_from_any_checkpoint_gives_identical_weights(tmp_path, data):
         assert torch.equal(p, ref[n]), n
 
 
+class SnapshotAtSave(TrainerCallback):
+    """The student's weights at every checkpoint, taken in memory (independent of any loading)."""
+
+    def __init__(self, model):
+        self.model, self.at = model, {}
+
+    def on_save(self, args, state, control, **kwargs):
+        self.at[state.global_step] = params(self.model)
+
+
+def test_load_best_model_at_end_restores_the_expert_weights_too(tmp_path, data):
+    """transformers 5 reloads the best checkpoint with a plain load_state_dict that skips the
+    fused expert tensors; the trainer reloads it through from_pretrained instead."""
+    student = tiny_moe(1)
+    snap = SnapshotAtSave(student)
+    # the loss here (lr 1e-2, CE and KL blended) drives the validation KL up after the first
+    # steps: the best checkpoint by KL is not the last weights
+    args = targs(tmp_path, max_steps=4, per_device_train_batch_size=4, eval_strategy="steps", eval_steps=1,
+                 save_strategy="steps", save_steps=1, load_best_model_at_end=True, metric_for_best_model="eval_kl",
+                 greater_is_better=False)
+    trainer = DistillationTrainer(student, args, train_dataset=data, eval_dataset=data, callbacks=[snap])
+    trainer.train()
+    best = int(trainer.state.best_model_checkpoint.rsplit("-", 1)[1])
+    assert best < 4
+    expert = "model.layers.0.mlp.experts.gate_up_proj"
+    assert not torch.equal(snap.at[best][expert], snap.at[4][expert])
+    for n, p in params(student).items():
+        assert torch.equal(p, snap.at[best][n]), n
+
+
 # --------------------------------------------------------------------------- train_from_config
 
 

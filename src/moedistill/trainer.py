@@ -48,6 +48,7 @@ from transformers import Trainer
 from moedistill.config import LossConfig, ParamGroupsConfig
 from moedistill import integrity
 from moedistill.errors import UserError
+from moedistill.losses import IGNORE_INDEX
 from moedistill.param_groups import assign, format_table, freeze, optimizer_groups
 
 logger = logging.getLogger(__name__)
@@ -75,6 +76,26 @@ class IndexedDataset(torch.utils.data.Dataset):
     def __getitem__(self, i):
         item = self.dataset[i]
         return {**item, "index": int(i)} if isinstance(item, dict) else item
+
+
+class _EvalShard(torch.utils.data.Dataset):
+    """Process ``rank``'s share of ``dataset``: items rank, rank + world, ..., then
+    copies of item 0 with every label -100 up to ceil(len / world) items."""
+
+    def __init__(self, dataset, world: int, rank: int):
+        self.dataset = dataset
+        self.indices = list(range(rank, len(dataset), world))
+        self.length = -(-len(dataset) // world)
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        if i < len(self.indices):
+            return self.dataset[self.indices[i]]
+        item = dict(self.dataset[0])
+        item["labels"] = torch.full_like(torch.as_tensor(item["labels"]), IGNORE_INDEX)
+        return item
 
 
 def _teacher_vocab(teacher, dataset) -> tuple[int | None, str]:
@@ -348,17 +369,33 @@ class DistillationTrainer(Trainer):
         # Trainer's resume reads them back with a plain load_state_dict, which silently leaves the
         # fused expert tensors untouched (huggingface/transformers#48805). Load through
         # from_pretrained, which converts, and copy the weights in. Costs a second copy on the CPU.
+        if not self._copy_weights_from(resume_from_checkpoint, model):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self):
+        # load_best_model_at_end reads the best checkpoint the same broken way: same remedy
+        best = self.state.best_model_checkpoint
+        if best is None or not self._copy_weights_from(best):
+            super()._load_best_model()
+        else:
+            logger.info("loaded the best checkpoint %s (%s %s)", best, self.args.metric_for_best_model,
+                        self.state.best_metric)
+
+    def _copy_weights_from(self, checkpoint: str, model=None) -> bool:
+        """Load the student's weights from ``checkpoint`` via ``from_pretrained``; False where
+        that path does not apply (DeepSpeed, FSDP, PEFT, no config.json) and the Trainer's own must."""
         from transformers import PreTrainedModel
 
         unwrapped = self.accelerator.unwrap_model(self.model if model is None else model)
         plain = not (self.is_deepspeed_enabled or self.is_fsdp_enabled) and type(unwrapped).__name__ != "PeftModel"
-        if not (plain and isinstance(unwrapped, PreTrainedModel) and os.path.isfile(os.path.join(resume_from_checkpoint, "config.json"))):
-            return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        logger.info("loading the student's weights from %s", resume_from_checkpoint)
+        if not (plain and isinstance(unwrapped, PreTrainedModel) and os.path.isfile(os.path.join(checkpoint, "config.json"))):
+            return False
+        logger.info("loading the student's weights from %s", checkpoint)
         dtype = next(unwrapped.parameters()).dtype
-        loaded = type(unwrapped).from_pretrained(resume_from_checkpoint, dtype=dtype, device_map="cpu")
+        loaded = type(unwrapped).from_pretrained(checkpoint, dtype=dtype, device_map="cpu")
         unwrapped.load_state_dict(loaded.state_dict(), strict=True)
         del loaded
+        return True
 
     # ------------------------------------------------------------------ optimizer
 
@@ -420,6 +457,25 @@ class DistillationTrainer(Trainer):
 
     # ------------------------------------------------------------------ evaluation
 
+    def _eval_loader(self, dataset):
+        """The eval DataLoader; under several processes, each sequence is counted exactly once.
+
+        accelerate evens out the last batch by repeating sequences, which would weigh them
+        twice in the metrics. Instead each process takes every ``world_size``-th sequence and
+        pads its share to the common length with items whose labels are all -100 (they
+        count in no term), so every process runs the same number of forward passes (FSDP
+        and ZeRO-3 need that)."""
+        world = self.args.world_size
+        if world <= 1:
+            return self.get_eval_dataloader(dataset)
+        return torch.utils.data.DataLoader(
+            _EvalShard(dataset, world, self.args.process_index),
+            batch_size=self.args.per_device_eval_batch_size,
+            collate_fn=self.data_collator,
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+        )
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Token-weighted means over the eval set.
 
@@ -441,7 +497,7 @@ class DistillationTrainer(Trainer):
         if dataset is None:
             raise UserError("evaluate() needs an eval dataset; pass eval_dataset= to the trainer or the call")
         cfg = self.loss_config
-        loader = self.get_eval_dataloader(dataset)
+        loader = self._eval_loader(dataset)
         model = self.model
         was_training = model.training
         model.eval()
