@@ -325,14 +325,15 @@ def test_export_rejects_a_plain_checkpoint(qwen, tmp_path):
 # --------------------------------------------------------------------------- moedistill compress
 
 
-def test_compress_from_config_writes_checkpoint_and_report_and_reuses(tmp_path, monkeypatch):
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_compress_from_config_writes_checkpoint_and_report_and_reuses(arch, tmp_path, monkeypatch):
     from moedistill.compression import checkpoint as ck
     from moedistill.config import load_config
     from moedistill.models import TINY_TEACHER, load_tokenizer
 
     tok = load_tokenizer(str(TINY_TEACHER))
     teacher_dir = tmp_path / "teacher"
-    _teacher(vocab=len(tok)).save_pretrained(teacher_dir)
+    _teacher(arch, vocab=len(tok)).save_pretrained(teacher_dir)
     tok.save_pretrained(teacher_dir)
     monkeypatch.setattr(ck, "REPORT_SEQUENCES", 4)
     cfg = load_config("tiny", [
@@ -355,6 +356,7 @@ def test_compress_from_config_writes_checkpoint_and_report_and_reuses(tmp_path, 
             assert abs(row["perplexity"] - report["teacher_eval"]["perplexity"]) < 1e-3 and row["kl"] < 1e-6
     student, _ = mc_get(ckpt)
     assert student.config.compression["rank"] == 2 and student.config.compression["svd"] == "activation"
+    assert student.config.model_type == f"moedistill_{arch}"
     # same settings: reused without loading the teacher; other settings: rebuilt
     mtime = (ckpt / "model.safetensors").stat().st_mtime_ns
     monkeypatch.setattr("moedistill.models.get_model", lambda *a, **k: pytest.fail("teacher loaded on reuse"))
