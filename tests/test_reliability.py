@@ -16,6 +16,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -324,6 +325,53 @@ def test_nan_stops_the_run_naming_step_and_batch(world, tmp_path, where):
     assert BAD in batch and len(batch) == 2
     saved = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "run").glob("checkpoint-*"))
     assert saved == list(range(1, step))  # it stopped: nothing saved at or after the bad step
+
+
+_NAN_DRIVER = """
+import sys, torch
+from transformers import TrainingArguments
+from moedistill.cache import open_cache
+from moedistill.models import get_model
+from moedistill.trainer import DistillationTrainer
+
+cache_path, student_path, out, bad = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+cache = open_cache(cache_path)
+bad_ids = cache[bad]["input_ids"]
+student, _ = get_model(student_path, with_tokenizer=False)
+
+def poison(module, args, kwargs, output):
+    if (kwargs["input_ids"] == bad_ids).all(-1).any():
+        output.logits = output.logits * float("nan")
+    return output
+
+student.register_forward_hook(poison, with_kwargs=True)
+args = TrainingArguments(output_dir=out, use_cpu=True, report_to=[], per_device_train_batch_size=2, max_steps=4,
+                         save_strategy="steps", save_steps=1, disable_tqdm=True, logging_steps=1)
+DistillationTrainer(student, args, train_dataset=cache).train()
+"""
+
+
+def test_nan_on_one_of_two_processes_stops_the_whole_run(world, tmp_path):
+    """NaN in the batch of one process only: that process raises naming itself, the step and
+    the batch; torchrun stops the other one (no hang in a collective); nothing is marked
+    complete at or after the bad step."""
+    from moedistill.integrity import is_complete
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(_NAN_DRIVER)
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    out = tmp_path / "run"
+    cmd = [torchrun, "--standalone", "--nproc_per_node=2", str(driver), str(world.ref / "cache" / "topk"),
+           str(world.student), str(out), "5"]
+    r = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    line = next(x for x in r.stderr.splitlines() if "NonFiniteLossError:" in x)
+    m = re.search(r"loss is nan at step (\d+), batch of training sequences (\[[\d, ]+\]) on process (\d+) ", line)
+    assert m, line
+    step, batch, proc = int(m[1]), json.loads(m[2]), int(m[3])
+    assert 5 in batch and proc in (0, 1) and 1 <= step <= 4
+    complete = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*") if is_complete(p))
+    assert complete == list(range(1, step))
 
 
 # --------------------------------------------------------------------------- bad input
