@@ -327,6 +327,22 @@ def test_nan_stops_the_run_naming_step_and_batch(world, tmp_path, where):
     assert saved == list(range(1, step))  # it stopped: nothing saved at or after the bad step
 
 
+def test_two_processes_that_would_each_train_alone_are_refused(world, tmp_path):
+    """torchrun without GPUs and with training.use_cpu=false: transformers would train each
+    process on its own, all writing one run dir. Every process stops at once, one line."""
+    out = with_caches(world, tmp_path / "out")
+    before = snapshot(out)
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    cmd = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "moedistill.cli", "train",
+           *overrides(world, out, "training.use_cpu=false")]
+    r = subprocess.run(cmd, env=env(CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    errors = [x for x in r.stderr.splitlines() if x.startswith("error: ")]
+    assert len(errors) == 2 and all("launched as 2 processes but transformers set up training for 1" in e and
+                                    "set training.use_cpu=true" in e for e in errors), r.stderr[-3000:]
+    assert snapshot(out) == before
+
+
 _NAN_DRIVER = """
 import sys, torch
 from transformers import TrainingArguments

@@ -117,9 +117,21 @@ def training_arguments(cfg: Config, run_dir: Path):
     kwargs = dict(cfg.training)
     kwargs.setdefault("per_device_eval_batch_size", cfg.eval.batch_size)
     try:
-        return TrainingArguments(output_dir=str(run_dir), seed=cfg.seed, remove_unused_columns=False, **kwargs)
+        args = TrainingArguments(output_dir=str(run_dir), seed=cfg.seed, remove_unused_columns=False, **kwargs)
     except (ValueError, TypeError) as e:
         raise UserError(f"config: training settings rejected by transformers: {str(e).splitlines()[0]}") from None
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and args.world_size != launched:
+        # without a GPU and without use_cpu, transformers trains each process on its own: N
+        # copies of the run would write the same directory
+        raise UserError(
+            f"launched as {launched} processes but transformers set up training for {args.world_size} "
+            f"(no GPU visible and training.use_cpu={args.use_cpu}); set training.use_cpu=true to train on CPUs, "
+            f"or launch where each process has a GPU"
+        )
+    if args.use_cpu and os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        logger.warning("training.use_cpu=true: accelerate runs FSDP on GPUs only, so this CPU run is plain DDP")
+    return args
 
 
 def train_from_config(
