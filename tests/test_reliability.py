@@ -338,7 +338,8 @@ def test_two_processes_that_would_each_train_alone_are_refused(world, tmp_path):
     r = subprocess.run(cmd, env=env(CUDA_VISIBLE_DEVICES=""), capture_output=True, text=True, timeout=300)
     assert r.returncode != 0
     errors = [x for x in r.stderr.splitlines() if x.startswith("error: ")]
-    assert len(errors) == 2 and all("launched as 2 processes but transformers set up training for 1" in e and
+    # both processes stop at the check; torchrun may kill the second before it prints
+    assert 1 <= len(errors) <= 2 and all("launched as 2 processes but transformers set up training for 1" in e and
                                     "set training.use_cpu=true" in e for e in errors), r.stderr[-3000:]
     assert snapshot(out) == before
 
