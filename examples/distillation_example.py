@@ -1,6 +1,7 @@
 """Distill the embedded tiny MoE teacher into its compressed student with the Python API.
 
-    python examples/distillation_example.py [output_dir]        # CPU, a few minutes
+    python examples/distillation_example.py [output_dir] [overrides ...]   # CPU, a few minutes
+    python examples/distillation_example.py outputs/ex loss.alpha=0.7 cache.top_k=32
 
 The same job as ``moedistill compress && moedistill cache && moedistill train``, with the
 pieces in view. ``moedistill.train.train_from_config(cfg)`` does steps 2-5 in one call.
@@ -22,10 +23,12 @@ from moedistill.train import training_arguments
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 parser.add_argument("output_dir", nargs="?", default="outputs/example", help="where every artefact goes")
-out = parser.parse_args().output_dir
+parser.add_argument("overrides", nargs="*", help="Hydra-style overrides of tiny.yaml, e.g. loss.alpha=0.7")
+cli = parser.parse_args()
+out = cli.output_dir
 
 # 1. Configuration: conf/distillation/tiny.yaml plus Hydra-style overrides.
-cfg = load_config("tiny", [f"output_dir={out}"])
+cfg = load_config("tiny", [f"output_dir={out}", *cli.overrides])
 
 # 2. The student: the teacher's experts compressed to a shared core + rank-r wrappers (checkpoint-0).
 checkpoint0 = compress_from_config(cfg)
