@@ -73,6 +73,7 @@ def build_config(args):
 
 
 def main(argv=None) -> int:
+    from moedistill.dist import shutdown
     from moedistill.errors import UserError
 
     args = parse_args(argv)
@@ -80,8 +81,10 @@ def main(argv=None) -> int:
         from moedistill.cache.generate import generate_from_config
 
         path = generate_from_config(build_config(args))
+        shutdown()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        shutdown(wait=False)
         return e.exit_code
     print(path)
     return 0

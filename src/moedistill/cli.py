@@ -17,6 +17,7 @@ import itertools
 import sys
 from pathlib import Path
 
+from moedistill.dist import shutdown
 from moedistill.errors import UserError
 
 COMMANDS = {
@@ -147,8 +148,10 @@ def main(argv: list[str] | None = None) -> int:
                 cfg.output_dir = f"{cfg.output_dir}/sweep/{tag.replace('/', '_')}"
                 print(f"[multirun] {' '.join(overrides)} -> {cfg.output_dir}", file=sys.stderr)
             _dispatch(args, cfg)
+        shutdown()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        shutdown(wait=False)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -160,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         where = f" writing {e.filename}" if e.filename else ""
         print(f"error: no space left on the device{where}; free space and rerun the same command "
               f"(caches resume, training resumes with --resume)", file=sys.stderr)
+        shutdown(wait=False)
         return 2
     return 0
 

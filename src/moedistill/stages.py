@@ -42,6 +42,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from moedistill.config import Config, LossConfig, ParamGroupsConfig
+from moedistill.dist import barrier
 from moedistill.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -149,13 +150,6 @@ def _read_json(path: Path):
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def write_plan(run_dir: Path, stages: list[Stage], done: set[int]) -> None:
@@ -346,7 +340,7 @@ def run_stages(
     done = set(range(first))
     if main:
         write_plan(run_dir, stages, done)
-    _barrier()  # no rank starts writing the stage dirs before rank 0 has cleared them
+    barrier()  # no rank starts writing the stage dirs before rank 0 has cleared them
     result = {"run_dir": str(run_dir), "final_model": None, "stages": [s.to_dict() for s in stages], "train_metrics": {}}
     trainer = None
     for st in stages[first:]:

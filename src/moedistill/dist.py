@@ -1,0 +1,40 @@
+"""The little moedistill needs from torch.distributed, safe to call without it.
+
+Under torchrun / accelerate the training (transformers) and cache generation (gloo)
+set up a process group; a single process has none and every call here is a no-op.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def _initialized():
+    if "torch" not in sys.modules:  # nothing can have set up a process group
+        return None
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def barrier() -> None:
+    """Wait for every process (no-op without a process group)."""
+    dist = _initialized()
+    if dist is not None:
+        dist.barrier()
+
+
+def shutdown(wait: bool = True) -> None:
+    """Tear the process group down before the interpreter exits.
+
+    Left to interpreter exit, gloo's worker threads are destroyed while still joinable
+    and a process that has finished its work aborts ("terminate called without an
+    active exception", SIGABRT; pytorch/pytorch#190489), which fails the whole launch.
+    ``wait`` first waits for the other processes (the normal end); an error path passes
+    False, as the others may never arrive."""
+    dist = _initialized()
+    if dist is None:
+        return
+    if wait:
+        dist.barrier()
+    dist.destroy_process_group()
