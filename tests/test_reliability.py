@@ -532,7 +532,8 @@ def test_bad_input_through_a_real_process(world, tmp_path, case):
 
 def test_torchrun_two_processes_train_like_one(world, tmp_path):
     """2 CPU processes (gloo, 2 sequences each) against the reference (1 process, 4 sequences):
-    the same global batches, so the same loss curve and weights up to float summation order."""
+    the same global batches, so the same loss curve and weights up to float summation order.
+    Then the same 2-process run crashed after a checkpoint and resumed under torchrun."""
     out = with_caches(world, tmp_path / "out")
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     cmd = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "moedistill.cli", "train",
@@ -555,6 +556,20 @@ def test_torchrun_two_processes_train_like_one(world, tmp_path):
     # the checkpoint records both processes' RNG state, and is complete
     files = json.loads((out / RUN / "02-full" / "checkpoint-2" / "checkpoint.json").read_text())["files"]
     assert {"rng_state_0.pth", "rng_state_1.pth", "model.safetensors", "optimizer.pt"} <= files.keys()
+    # a crash after that checkpoint (step 6), then `--resume` under torchrun: the same weights
+    # and log as the uninterrupted 2-process run
+    crashed = tmp_path / "crashed"
+    shutil.copytree(out, crashed)
+    shutil.rmtree(crashed / RUN / "final")
+    shutil.rmtree(crashed / RUN / "02-full" / "checkpoint-3")
+    with open(crashed / RUN / "log.jsonl", "a") as f:  # what the crashed run logged after its checkpoint
+        f.write(json.dumps({"step": 7, "stage": 1, "loss": 99.0}) + "\n")
+    cmd = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "moedistill.cli", "train", "--resume",
+           *overrides(world, crashed, "training.per_device_train_batch_size=2")]
+    r = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-12000:]
+    assert_same_weights(crashed, out)
+    assert [e for e in train_log(crashed) if "loss" in e] == [e for e in train_log(out) if "loss" in e]
 
 
 def _rss() -> int:
