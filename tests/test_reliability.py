@@ -530,14 +530,17 @@ def test_bad_input_through_a_real_process(world, tmp_path, case):
 # --------------------------------------------------------------------------- multi-process and long runs
 
 
+TWO_PROCESSES = ("training.per_device_train_batch_size=1", "training.gradient_accumulation_steps=2")
+
+
 def test_torchrun_two_processes_train_like_one(world, tmp_path):
-    """2 CPU processes (gloo, 2 sequences each) against the reference (1 process, 4 sequences):
-    the same global batches, so the same loss curve and weights up to float summation order.
+    """2 CPU processes (gloo), each accumulating 2 micro-batches of 1 sequence, against the
+    reference (1 process, batches of 4 sequences): the same global batches, so the same loss curve and weights up to float summation order.
     Then the same 2-process run crashed after a checkpoint and resumed under torchrun."""
     out = with_caches(world, tmp_path / "out")
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     cmd = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "moedistill.cli", "train",
-           *overrides(world, out, "training.per_device_train_batch_size=2")]
+           *overrides(world, out, *TWO_PROCESSES)]
     r = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-12000:]
     ref = {e["step"]: e for e in train_log(world.ref) if "loss" in e}
@@ -565,7 +568,7 @@ def test_torchrun_two_processes_train_like_one(world, tmp_path):
     with open(crashed / RUN / "log.jsonl", "a") as f:  # what the crashed run logged after its checkpoint
         f.write(json.dumps({"step": 7, "stage": 1, "loss": 99.0}) + "\n")
     cmd = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "moedistill.cli", "train", "--resume",
-           *overrides(world, crashed, "training.per_device_train_batch_size=2")]
+           *overrides(world, crashed, *TWO_PROCESSES)]
     r = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-12000:]
     assert_same_weights(crashed, out)
