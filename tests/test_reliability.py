@@ -344,6 +344,27 @@ def test_two_processes_that_would_each_train_alone_are_refused(world, tmp_path):
     assert snapshot(out) == before
 
 
+def test_torchrun_train_without_checkpoint_0_compresses_once(world, tmp_path):
+    """No checkpoint-0 yet: under torchrun process 0 compresses the teacher while the other
+    waits, then both train from it. A one-process command under torchrun is refused."""
+    out = with_caches(world, tmp_path / "out")
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    small = ["student.name=null", "compress.rank=1", "compress.calibration_sequences=4", "compress.report_ranks=[]",
+             *TWO_PROCESSES]
+    cmd = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "moedistill.cli", "train", *overrides(world, out, *small)]
+    r = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-12000:]
+    assert (r.stdout + r.stderr).count("[compress] wrote") == 1
+    assert (out / "compressed" / "checkpoint-0" / "model.safetensors").is_file()
+    assert [e["step"] for e in train_log(out) if "loss" in e] == [s for s, _ in STEPS]
+    before = snapshot(out)
+    cmd = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "moedistill.cli", "compress", *overrides(world, out)]
+    r = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+    errors = [x for x in r.stderr.splitlines() if x.startswith("error: ")]
+    assert r.returncode != 0 and errors and all("`moedistill compress` runs in one process" in e for e in errors)
+    assert snapshot(out) == before
+
+
 _NAN_DRIVER = """
 import sys, torch
 from transformers import TrainingArguments

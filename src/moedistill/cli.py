@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import errno
 import itertools
+import os
 import sys
 from pathlib import Path
 
@@ -88,8 +89,23 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     return [list(c) for c in itertools.product(*choices)] if choices else [[]]
 
 
+# the commands that split their work over the processes of torchrun / accelerate launch
+MULTI_PROCESS = ("cache", "train", "config", "inspect")
+
+
+def _check_launch(cmd: str) -> None:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and cmd not in MULTI_PROCESS:
+        raise UserError(
+            f"`moedistill {cmd}` runs in one process, but this is one of {world} launched processes (each would "
+            f"redo the whole job into the same files); run it without torchrun / accelerate launch "
+            f"(for a teacher larger than one GPU set teacher.device_map=auto)"
+        )
+
+
 def _dispatch(args, cfg):
     cmd = args.command
+    _check_launch(cmd)
     if cmd == "config":
         from moedistill.config import dump_yaml
 
@@ -128,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             inspect_cache(args.path, verify=args.verify)
             return 0
         if args.command == "export":
+            _check_launch("export")
             from moedistill.compression import export_checkpoint
 
             export_checkpoint(args.checkpoint, args.output, dtype=args.dtype)

@@ -76,9 +76,13 @@ def _load_student(cfg: Config, student):
         ckpt = Path(cfg.output_dir) / "compressed" / "checkpoint-0"
         if not (ckpt / "config.json").is_file():
             from moedistill.compression import compress_from_config
+            from moedistill.dist import barrier
 
-            logger.info("no checkpoint-0 in %s: compressing the teacher first", ckpt)
-            ckpt = Path(compress_from_config(cfg))
+            # under torchrun one process compresses; the others wait and load its checkpoint
+            if int(os.environ.get("RANK", "0")) == 0:
+                logger.info("no checkpoint-0 in %s: compressing the teacher first", ckpt)
+                ckpt = Path(compress_from_config(cfg))
+            barrier()
         name = str(ckpt)
     model, _ = get_model(
         name, dtype=cfg.student.dtype, trust_remote_code=cfg.student.trust_remote_code, with_tokenizer=False
