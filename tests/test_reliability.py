@@ -344,10 +344,11 @@ def test_two_processes_that_would_each_train_alone_are_refused(world, tmp_path):
     assert snapshot(out) == before
 
 
-def test_torchrun_train_without_checkpoint_0_compresses_once(world, tmp_path):
-    """No checkpoint-0 yet: under torchrun process 0 compresses the teacher while the other
-    waits, then both train from it. A one-process command under torchrun is refused."""
-    out = with_caches(world, tmp_path / "out")
+def test_torchrun_train_from_scratch_compresses_once_and_shards_the_caches(world, tmp_path):
+    """No checkpoint-0 and no caches yet: under torchrun process 0 compresses the teacher
+    while the other waits, each process writes its shard of both caches, then both train.
+    A one-process command under torchrun is refused."""
+    out = tmp_path / "out"
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     small = ["student.name=null", "compress.rank=1", "compress.calibration_sequences=4", "compress.report_ranks=[]",
              *TWO_PROCESSES]
@@ -356,6 +357,9 @@ def test_torchrun_train_without_checkpoint_0_compresses_once(world, tmp_path):
     assert r.returncode == 0, r.stderr[-12000:]
     assert (r.stdout + r.stderr).count("[compress] wrote") == 1
     assert (out / "compressed" / "checkpoint-0" / "model.safetensors").is_file()
+    for cache in ("topk", "topk-validation"):
+        manifest = json.loads((out / "cache" / cache / "manifest.json").read_text())
+        assert manifest["complete"] and len(manifest["shards"]) == 2
     assert [e["step"] for e in train_log(out) if "loss" in e] == [s for s, _ in STEPS]
     before = snapshot(out)
     cmd = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "moedistill.cli", "compress", *overrides(world, out)]
