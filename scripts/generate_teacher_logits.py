@@ -5,6 +5,7 @@
     python scripts/generate_teacher_logits.py --teacher_model Qwen/Qwen3-30B-A3B \\
         --dataset wikitext --dataset_config wikitext-103-raw-v1 --output_dir /data/cache --top_k 64
     torchrun --nproc_per_node=8 scripts/generate_teacher_logits.py --output_dir /data/cache ...
+    python scripts/generate_teacher_logits.py --device_map auto ...   # a teacher larger than one GPU
 
 Starts from the embedded default (``conf/distillation/tiny.yaml``: the tiny teacher and
 its corpus) and replaces what the flags give. ``--output_dir`` is the cache directory
@@ -34,6 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--mode", choices=["topk", "sample"], default=None, help="topk (default) or sample")
     p.add_argument("--num_samples", type=int, default=None, help="draws per position in sample mode")
     p.add_argument("--seed", type=int, default=None, help="seed of the draws in sample mode")
+    p.add_argument("--device_map", default=None,
+                   help="'auto' spreads a teacher larger than one GPU over all visible GPUs (one process)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing cache of another configuration")
     p.add_argument("--config-name", default="tiny", help="base config in conf/distillation or a YAML path (default: tiny)")
     return p.parse_args(argv)
@@ -69,6 +72,8 @@ def build_config(args):
             setattr(getattr(cfg, section), key, value)
     if args.seed is not None:
         cfg.seed = args.seed
+    if args.device_map is not None:
+        cfg.teacher.device_map = args.device_map
     return validate(cfg)
 
 

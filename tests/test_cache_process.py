@@ -139,6 +139,15 @@ def test_torchrun_two_processes_equal_one(references, tmp_path):
     _assert_same(_content(out), _content(references["sample"]))
 
 
+def test_device_map_auto_gives_the_same_cache(references, tmp_path):
+    """--device_map auto reaches from_pretrained and the cache is the same. On a machine
+    without GPUs accelerate keeps the whole teacher on the CPU: this checks the flag and
+    the load path, not a split over devices (that needs several GPUs)."""
+    out = tmp_path / "cache"
+    assert _script_main([*ARGS, "--mode", "topk", "--device_map", "auto", "--output_dir", str(out)]) == 0
+    _assert_same(_content(out), _content(references["topk"]))
+
+
 def test_script_refuses_other_config_and_cli_inspects(references, capsys):
     from moedistill.cli import main
 
