@@ -164,13 +164,18 @@ def check_context(config, seq_len: int, what: str) -> None:
         )
 
 
+def config_vocab(config) -> int:
+    """The vocabulary size a model config declares (its text part, for multimodal configs)."""
+    return int(_text_config(config).vocab_size)
+
+
 def output_vocab(model) -> int:
     """Number of logits ``model`` produces per position."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     weight = getattr(head, "weight", None)
     if weight is not None and weight.ndim == 2:
         return int(weight.shape[0])
-    return int(_text_config(model.config).vocab_size)
+    return config_vocab(model.config)
 
 
 def check_vocab(student_vocab: int, teacher_vocab: int, student: str = "student", teacher: str = "teacher") -> None:

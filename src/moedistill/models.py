@@ -34,6 +34,19 @@ def resolve(name_or_path: str) -> str:
     return str(ALIASES.get(str(name_or_path), name_or_path))
 
 
+def config_or_none(name_or_path: str, trust_remote_code: bool = False):
+    """The model's config file alone (no weights), or None when it cannot be read.
+
+    For checks made before a large model loads; an unreadable model is left to
+    :func:`get_model`, which reports it with its own message."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(resolve(name_or_path), trust_remote_code=trust_remote_code)
+    except Exception:  # noqa: BLE001 - see the docstring
+        return None
+
+
 def parse_dtype(dtype):
     """``"bfloat16"`` / ``torch.bfloat16`` / ``"auto"`` / None -> what ``from_pretrained`` takes."""
     if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":

@@ -94,22 +94,14 @@ def _check_student(cfg: Config, model, student_name: str, args, loss_overrides) 
     """Before any cache is generated or run directory touched: data.seq_len within the
     student's context, every id of the teacher's vocabulary a student logit, every
     parameter-group rule of every stage matching some parameter."""
-    from transformers import AutoConfig
-
-    from moedistill.integrity import check_context, check_vocab, output_vocab
-    from moedistill.models import resolve
+    from moedistill.integrity import check_context, check_vocab, config_vocab, output_vocab
+    from moedistill.models import config_or_none
     from moedistill.stages import check_stages, plan_stages
 
     check_context(model.config, cfg.data.seq_len, f"student {student_name}")
-    try:
-        teacher_config = AutoConfig.from_pretrained(
-            resolve(cfg.teacher.name), trust_remote_code=cfg.teacher.trust_remote_code
-        )
-    except Exception:  # noqa: BLE001 - the cache step reports an unloadable teacher with its own message
-        teacher_config = None
-    if teacher_config is not None:
-        text = teacher_config.get_text_config() if hasattr(teacher_config, "get_text_config") else teacher_config
-        check_vocab(output_vocab(model), int(text.vocab_size), student=f"student {student_name}",
+    teacher_config = config_or_none(cfg.teacher.name, cfg.teacher.trust_remote_code)
+    if teacher_config is not None:  # an unloadable teacher is reported by the cache step
+        check_vocab(output_vocab(model), config_vocab(teacher_config), student=f"student {student_name}",
                     teacher=f"teacher {cfg.teacher.name}")
     check_stages(model, plan_stages(cfg, args, 1, loss_overrides))  # lengths do not matter here
 

@@ -102,16 +102,12 @@ def generate_from_config(cfg, split: str | None = None) -> Path:
 
 def _check_teacher_context(cfg) -> None:
     """data.seq_len within the teacher's context, from its config file (before any data or weights)."""
-    from transformers import AutoConfig
-
     from moedistill.integrity import check_context
-    from moedistill.models import resolve
+    from moedistill.models import config_or_none
 
-    try:
-        config = AutoConfig.from_pretrained(resolve(cfg.teacher.name), trust_remote_code=cfg.teacher.trust_remote_code)
-    except Exception:  # noqa: BLE001 - get_model reports an unloadable teacher with its own message
-        return
-    check_context(config, cfg.data.seq_len, f"teacher {cfg.teacher.name}")
+    config = config_or_none(cfg.teacher.name, cfg.teacher.trust_remote_code)
+    if config is not None:
+        check_context(config, cfg.data.seq_len, f"teacher {cfg.teacher.name}")
 
 
 def _reusable(out: Path, cfg, packed, kwargs) -> bool:
@@ -120,11 +116,11 @@ def _reusable(out: Path, cfg, packed, kwargs) -> bool:
     if not (out / fmt.MANIFEST).is_file():
         return False
     try:
-        from transformers import AutoConfig
+        from moedistill.models import config_or_none, model_fingerprint
 
-        from moedistill.models import model_fingerprint, resolve
-
-        config = AutoConfig.from_pretrained(resolve(cfg.teacher.name), trust_remote_code=cfg.teacher.trust_remote_code)
+        config = config_or_none(cfg.teacher.name, cfg.teacher.trust_remote_code)
+        if config is None:
+            return False
         stub = type("ConfigOnly", (), {"config": config})()
         manifest = fmt.load_manifest(out)
         want = _identity(

@@ -112,10 +112,8 @@ def compress_from_config(cfg) -> Path:
     Returns:
         the checkpoint directory ``<cfg.output_dir>/compressed/checkpoint-0``.
     """
-    from transformers import AutoConfig
-
     from moedistill.data import prepare
-    from moedistill.models import get_model, resolve
+    from moedistill.models import config_or_none, get_model
 
     ckpt = checkpoint_dir(cfg)
     s = settings(cfg)
@@ -126,10 +124,8 @@ def compress_from_config(cfg) -> Path:
         return ckpt
 
     c, d = cfg.compress, cfg.data
-    try:  # a bad rank or architecture stops here, before a large teacher loads
-        teacher_config = AutoConfig.from_pretrained(resolve(cfg.teacher.name), trust_remote_code=cfg.teacher.trust_remote_code)
-    except (OSError, ValueError):
-        teacher_config = None  # get_model below says what is wrong
+    # a bad rank or architecture stops here, before a large teacher loads
+    teacher_config = config_or_none(cfg.teacher.name, cfg.teacher.trust_remote_code)
     if teacher_config is not None:
         resolve_rank(teacher_config, c.rank, c.compression_ratio)
     teacher, tokenizer = get_model(
