@@ -178,6 +178,19 @@ def output_vocab(model) -> int:
     return config_vocab(model.config)
 
 
+def check_targets_vocab(model, *, teacher=None, datasets=()) -> None:
+    """UserError if the targets can hold ids ``model`` has no logit for: those of an online
+    ``teacher``, else of each dataset that declares a ``vocab_size`` (a teacher cache)."""
+    for ds in datasets:
+        if teacher is not None:
+            vocab, where = output_vocab(teacher), "teacher"
+        else:
+            vocab = getattr(ds, "vocab_size", None)
+            where = f"teacher of the cache {getattr(ds, 'path', '')}".rstrip()
+        if vocab:
+            check_vocab(output_vocab(model), int(vocab), teacher=where)
+
+
 def check_vocab(student_vocab: int, teacher_vocab: int, student: str = "student", teacher: str = "teacher") -> None:
     """UserError if the teacher can emit ids the student has no logit for."""
     if teacher_vocab > student_vocab:

@@ -273,7 +273,7 @@ def check_stages(model, stages: list[Stage], *, train_dataset=None, eval_dataset
     """The checks a stage's trainer would make, made up front: every rule of every stage
     takes a parameter and some parameter trains; the teacher's ids (cache or online
     teacher) all have a student logit. Raises UserError; changes nothing."""
-    from moedistill.integrity import check_vocab, output_vocab
+    from moedistill.integrity import check_targets_vocab
     from moedistill.param_groups import assign
 
     for st in stages:
@@ -281,11 +281,7 @@ def check_stages(model, stages: list[Stage], *, train_dataset=None, eval_dataset
         if plan.trainable == 0:
             raise UserError(f"{st.param_groups_key} freezes every parameter in stage {st.name!r}; "
                             f"give some rule lr_multiplier > 0")
-    for ds in (train_dataset, eval_dataset):
-        vocab = output_vocab(teacher) if teacher is not None else getattr(ds, "vocab_size", None)
-        if vocab:
-            where = "teacher" if teacher is not None else f"teacher of the cache {getattr(ds, 'path', '')}".rstrip()
-            check_vocab(output_vocab(model), int(vocab), teacher=where)
+    check_targets_vocab(model, teacher=teacher, datasets=(train_dataset, eval_dataset))
 
 
 def run_stages(

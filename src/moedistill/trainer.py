@@ -98,13 +98,6 @@ class _EvalShard(torch.utils.data.Dataset):
         return item
 
 
-def _teacher_vocab(teacher, dataset) -> tuple[int | None, str]:
-    if teacher is not None:
-        return integrity.output_vocab(teacher), "teacher"
-    v = getattr(dataset, "vocab_size", None)
-    return (int(v), f"teacher of the cache {getattr(dataset, 'path', '')}".rstrip()) if v else (None, "")
-
-
 def collate(features: list[dict]) -> dict[str, torch.Tensor]:
     """Stack a list of items into a batch.
 
@@ -163,10 +156,8 @@ class DistillationTrainer(Trainer):
             args.remove_unused_columns = False  # the targets are not forward() arguments of the student
         kwargs.setdefault("data_collator", collate)
         train = kwargs.get("train_dataset")
-        for ds in (train, kwargs.get("eval_dataset")):
-            t_vocab, t_name = _teacher_vocab(teacher, ds)
-            if t_vocab is not None:  # before step 1: ids the student lacks would fail deep in the loss
-                integrity.check_vocab(integrity.output_vocab(model), t_vocab, teacher=t_name)
+        # before step 1: ids the student lacks would fail deep in the loss
+        integrity.check_targets_vocab(model, teacher=teacher, datasets=(train, kwargs.get("eval_dataset")))
         if isinstance(train, torch.utils.data.Dataset) and not isinstance(train, torch.utils.data.IterableDataset):
             kwargs["train_dataset"] = IndexedDataset(train)
         self.loss_config = loss or LossConfig()
