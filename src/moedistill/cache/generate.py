@@ -30,6 +30,7 @@ import torch
 
 from moedistill.cache import encode
 from moedistill.cache import format as fmt
+from moedistill.dist import barrier
 from moedistill.errors import UserError
 
 # float32 elements of one [rows, V] chunk of logits processed at once: bounds the memory
@@ -213,20 +214,20 @@ def generate_cache(
             print(f"teacher cache {out} is complete; nothing to do", file=sys.stderr)
         return out
     # 2. once every rank has read it, rank 0 prepares the directory; the others wait
-    _barrier(world)
+    barrier()
     if rank == 0:
         _prepare_dir(out, identity, overwrite, ranges, packed)
-    _barrier(world)
+    barrier()
     # 3. every rank generates its batches and merges them into its shard
     W = identity["width"]
     attrs = _shard_attrs(identity)
     start, end = ranges[rank]
     _generate_rank(teacher, blocks, out, attrs, rank, start, end, batch_size, mode, W, seed, progress and rank == 0)
     # 4. rank 0 verifies all shards and marks the cache complete
-    _barrier(world)
+    barrier()
     if rank == 0:
         _finalize(out, identity, ranges, packed)
-    _barrier(world)
+    barrier()
     return out
 
 
@@ -372,13 +373,6 @@ def _rank_world() -> tuple[int, int]:
             dist.init_process_group("gloo", timeout=datetime.timedelta(hours=24))
         return dist.get_rank(), dist.get_world_size()
     return rank, world
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
 
 
 def _rank_ranges(n: int, batch_size: int, world: int) -> list[tuple[int, int]]:
