@@ -21,14 +21,6 @@ from pathlib import Path
 from moedistill.config import Config
 
 
-def _with_cache_mode(cfg: Config, mode: str) -> Config:
-    """A copy of ``cfg`` reading (and if needed writing) the default cache of ``mode``."""
-    c = copy.deepcopy(cfg)
-    c.cache.mode = mode
-    c.cache.dir = None
-    return c
-
-
 def _log(msg: str):
     print(f"[moedistill run] {msg}", flush=True)
 
@@ -37,7 +29,7 @@ def run(cfg: Config) -> Path:
     """Run the pipeline; returns the path of ``report.md``."""
     from moedistill.cache.generate import generate_from_config
     from moedistill.compression import compress_from_config
-    from moedistill.train import train_from_config
+    from moedistill.train import train_from_config, with_cache_mode
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -55,12 +47,12 @@ def run(cfg: Config) -> Path:
     ckpt0 = step("compress", lambda: compress_from_config(cfg))
     cfg = copy.deepcopy(cfg)
     cfg.student.name = cfg.student.name or str(ckpt0)
-    topk_cfg = _with_cache_mode(cfg, "topk")
+    topk_cfg = with_cache_mode(cfg, "topk")
     step("cache top-k", lambda: generate_from_config(topk_cfg))
     # label -> (config, run name, loss overrides applied over cfg.loss and every stage)
     runs = {"distilled (top-k)": (topk_cfg, "topk", None)}
     if cfg.run.sample_student:
-        sample_cfg = _with_cache_mode(cfg, "sample")
+        sample_cfg = with_cache_mode(cfg, "sample")
         step("cache sampled", lambda: generate_from_config(sample_cfg))
         runs["distilled (sampled)"] = (sample_cfg, "sample", {"tail": "sample"})
     if cfg.run.ce_baseline:

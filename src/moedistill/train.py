@@ -44,13 +44,11 @@ def _setup_logging() -> None:
         root.setLevel(logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING)
 
 
-def _eval_cache_config(cfg: Config) -> Config:
-    """The config whose eval-split cache holds top-k targets under ``<output_dir>/cache``.
-
-    Top-k whatever the training cache: students trained on top-k and on sampled targets
-    are then measured against the same eval targets."""
+def with_cache_mode(cfg: Config, mode: str) -> Config:
+    """A copy of ``cfg`` reading (and if needed writing) the default cache of ``mode``
+    under ``<output_dir>/cache``."""
     c = copy.deepcopy(cfg)
-    c.cache.mode = "topk"
+    c.cache.mode = mode
     c.cache.dir = None
     return c
 
@@ -174,7 +172,9 @@ def train_from_config(
         train_ds = open_cache(train_path, expect={"teacher": cfg.teacher.name, "seq_len": cfg.data.seq_len})
     else:
         train_ds, train_path = _cache(cfg, None, "training")
-    eval_ds, _ = _cache(_eval_cache_config(cfg), cfg.data.eval_split, "eval")
+    # top-k whatever the training cache: students trained on top-k and on sampled targets
+    # are then measured against the same eval targets
+    eval_ds, _ = _cache(with_cache_mode(cfg, "topk"), cfg.data.eval_split, "eval")
     stages = plan_stages(cfg, args, len(train_ds), loss_overrides)
     logger.info(
         "training %s on %s (%d sequences); %d stage(s), %d steps; run dir %s",
