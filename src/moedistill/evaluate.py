@@ -164,8 +164,8 @@ def evaluate_models(
             mask = y != -100
             kw = {}
             if teacher is not None:
-                kw["t_logits"] = teacher(input_ids=x.to(next(teacher.parameters()).device)).logits[mask.to(
-                    next(teacher.parameters()).device)]
+                t_dev = next(teacher.parameters()).device
+                kw["t_logits"] = teacher(input_ids=x.to(t_dev)).logits[mask.to(t_dev)]
             elif teacher_targets is not None:
                 items = [teacher_targets[j] for j in range(i, min(i + batch_size, len(x_all)))]
                 kw["t_ids"] = torch.stack([torch.as_tensor(it["target_ids"]) for it in items])[mask]

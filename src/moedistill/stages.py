@@ -327,14 +327,13 @@ def run_stages(
     if resume:
         logger.info("resuming stage %s at its step %d (global step %d) from %s", stage.name, stage_step,
                     stage.start_step + stage_step, ckpt)
+    done = set(range(first))
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
             _trim_log(run_dir, stage.start_step + stage_step)
         else:
             _clear_previous(run_dir, stages)
-    done = set(range(first))
-    if main:
         write_plan(run_dir, stages, done)
     barrier()  # no rank starts writing the stage dirs before rank 0 has cleared them
     result = {"run_dir": str(run_dir), "final_model": None, "stages": [s.to_dict() for s in stages], "train_metrics": {}}
