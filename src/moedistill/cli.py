@@ -14,11 +14,10 @@ from __future__ import annotations
 import argparse
 import errno
 import itertools
-import os
 import sys
 from pathlib import Path
 
-from moedistill.dist import shutdown
+from moedistill.dist import launched_world, shutdown
 from moedistill.errors import UserError
 
 COMMANDS = {
@@ -94,7 +93,7 @@ MULTI_PROCESS = ("cache", "train", "config", "inspect")
 
 
 def _check_launch(cmd: str) -> None:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = launched_world()
     if world > 1 and cmd not in MULTI_PROCESS:
         raise UserError(
             f"`moedistill {cmd}` runs in one process, but this is one of {world} launched processes (each would "

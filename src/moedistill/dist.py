@@ -6,7 +6,18 @@ set up a process group; a single process has none and every call here is a no-op
 
 from __future__ import annotations
 
+import os
 import sys
+
+
+def launched_world() -> int:
+    """How many processes the launcher (torchrun, accelerate launch) started; 1 without one."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def launched_rank() -> int:
+    """This process's rank as the launcher set it (readable before any process group exists)."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def _initialized():

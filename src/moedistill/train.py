@@ -28,6 +28,7 @@ import os
 from pathlib import Path
 
 from moedistill.config import Config
+from moedistill.dist import barrier, launched_rank, launched_world
 from moedistill.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ def _setup_logging() -> None:
         handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
         root.addHandler(handler)
         # under torchrun only rank 0 reports progress; the others still show warnings and errors
-        root.setLevel(logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.WARNING)
+        root.setLevel(logging.INFO if launched_rank() == 0 else logging.WARNING)
 
 
 def with_cache_mode(cfg: Config, mode: str) -> Config:
@@ -74,10 +75,9 @@ def _load_student(cfg: Config, student):
         ckpt = Path(cfg.output_dir) / "compressed" / "checkpoint-0"
         if not (ckpt / "config.json").is_file():
             from moedistill.compression import compress_from_config
-            from moedistill.dist import barrier
 
             # under torchrun one process compresses; the others wait and load its checkpoint
-            if int(os.environ.get("RANK", "0")) == 0:
+            if launched_rank() == 0:
                 logger.info("no checkpoint-0 in %s: compressing the teacher first", ckpt)
                 ckpt = Path(compress_from_config(cfg))
             barrier()
@@ -114,7 +114,7 @@ def training_arguments(cfg: Config, run_dir: Path):
         args = TrainingArguments(output_dir=str(run_dir), seed=cfg.seed, remove_unused_columns=False, **kwargs)
     except (ValueError, TypeError) as e:
         raise UserError(f"config: training settings rejected by transformers: {str(e).splitlines()[0]}") from None
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    launched = launched_world()
     if launched > 1 and args.world_size != launched:
         # without a GPU and without use_cpu, transformers trains each process on its own: N
         # copies of the run would write the same directory

@@ -30,7 +30,7 @@ import torch
 
 from moedistill.cache import encode
 from moedistill.cache import format as fmt
-from moedistill.dist import barrier
+from moedistill.dist import barrier, launched_rank, launched_world
 from moedistill.errors import UserError
 
 # float32 elements of one [rows, V] chunk of logits processed at once: bounds the memory
@@ -362,8 +362,7 @@ def _now() -> str:
 
 
 def _rank_world() -> tuple[int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    world, rank = launched_world(), launched_rank()
     if world > 1:
         import torch.distributed as dist
 
