@@ -1,12 +1,13 @@
 #!/usr/bin/env python
-"""Teacher-cache benchmark: size, accuracy and speed of our cache against the seed's layout.
+"""Teacher-cache benchmark: size, accuracy and speed of our cache against the original prototype's layout.
 
     python benchmarks/bench_cache.py            # ~2-4 minutes on 2 CPU cores
     python benchmarks/bench_cache.py --quick    # smaller samples, for a smoke run
 
 Prints four tables:
 
-1. bytes/token at k=64 -- the seed's layout (float16 log-probs + int32 ids + gzip, chunked
+1. bytes/token at k=64 -- the layout of the original prototype, the earlier distillation
+   scripts this project replaces (float16 log-probs + int32 ids + gzip, chunked
    per sequence, input_ids int32 + gzip) against ours (docs/CACHE_FORMAT.md), whole files
    on disk, on (a) the embedded tiny teacher's real outputs (V=4096) and (b) a synthetic
    Zipf-like distribution over V=151,936 (ids drawn by a Zipf unigram, as frequent BPE
@@ -23,7 +24,7 @@ Prints four tables:
    torch threads, so the ratio is not flattered by a slow step).
 
 Last run (2-core CPU, nothing else running, torch 2.13 CPU, 32 s):
-  bytes/token ours/seed: tiny 121.2/213.5 = 0.568; Zipf-like V=151,936 142.9/245.2 = 0.583;
+  bytes/token ours/prototype: tiny 121.2/213.5 = 0.568; Zipf-like V=151,936 142.9/245.2 = 0.583;
   uniform ids (worst case) 0.684. Mean |ΔKL| at most 7.6e-4 (tiny), 6.3e-4 (synthetic).
   Generation / forward over 32,768 tokens: 1.089 in the same run, 1.087 in alternated runs
   (forward 1.36 s; top-k/softmax/entropy 0.97 s and encoding + I/O 0.16 s in the writer
@@ -107,8 +108,8 @@ def tiny_teacher_outputs(model, blocks, batch: int = 16):
 # --------------------------------------------------------------------------- layouts
 
 
-def write_seed(path: Path, input_ids: np.ndarray, ids: np.ndarray, lp: np.ndarray) -> np.ndarray:
-    """The seed's layout: float16 values + int32 indices + gzip. Returns the values it stores."""
+def write_prototype(path: Path, input_ids: np.ndarray, ids: np.ndarray, lp: np.ndarray) -> np.ndarray:
+    """The original prototype's layout: float16 values + int32 indices + gzip. Returns the values it stores."""
     import h5py
 
     n, L = input_ids.shape
@@ -119,10 +120,12 @@ def write_seed(path: Path, input_ids: np.ndarray, ids: np.ndarray, lp: np.ndarra
     return lp.astype(np.float16).astype(np.float32)
 
 
-def write_ours(path: Path, input_ids: np.ndarray, ids: np.ndarray, lp: np.ndarray, codec="zstd", level=None) -> np.ndarray:
+def write_ours(
+    path: Path, input_ids: np.ndarray, ids: np.ndarray, lp: np.ndarray, codec="zstd", level=None
+) -> np.ndarray:
     """Our layout through the cache's own encoder and part writer. Returns the decoded values."""
     from moedistill.cache import encode
-    from moedistill.cache import format as fmt
+    from moedistill.cache.writer import write_part
 
     n, L = input_ids.shape
     steps = encode.logprob_steps(K)
@@ -133,7 +136,7 @@ def write_ours(path: Path, input_ids: np.ndarray, ids: np.ndarray, lp: np.ndarra
         "seq_len": L, "logprob_steps": steps, "codec": codec,
         "codec_level": level if level is not None else encode.DEFAULT_LEVEL, "seq_start": 0, "seq_end": n,
     }
-    fmt.write_part(path, arrays, attrs)
+    write_part(path, arrays, attrs)
     return encode.decode_logprobs(arrays["target_deltas"], steps).reshape(-1, K)
 
 
@@ -186,7 +189,8 @@ def generation_ratio(model, tok, packed, batch: int, workdir: Path, repeats: int
     Runs with one torch thread: on a 2-core machine shared with other jobs, two OpenMP
     threads per op spin-wait on each other and made the same forward take 3.5 to 22 s;
     one thread is stable (and leaves the second core to the writer thread, which on a CPU
-    also does the top-k). Two measurements, because other processes still add noise: (a) the generation's own record of its forward time (``timing`` in the manifest:
+    also does the top-k). Two measurements, because other processes still add noise: (a) the
+    generation's own record of its forward time (``timing`` in the manifest:
     the same batches in the same run) against its total wall time, best of ``repeats``;
     (b) forward-only passes alternated with generation runs, best of ``repeats`` each.
     """
@@ -298,26 +302,28 @@ def main(argv=None):
         size_rows, kl_rows = [], []
         for name, (d, input_ids) in datasets.items():
             n_tok = input_ids.size
-            seed_vals = write_seed(work / "seed.h5", input_ids, d["ids"], d["lp"])
+            proto_vals = write_prototype(work / "prototype.h5", input_ids, d["ids"], d["lp"])
             ours_vals = write_ours(work / "ours.h5", input_ids, d["ids"], d["lp"])
             write_ours(work / "ours_gzip.h5", input_ids, d["ids"], d["lp"], codec="gzip", level=6)
-            b_seed = (work / "seed.h5").stat().st_size / n_tok
+            b_proto = (work / "prototype.h5").stat().st_size / n_tok
             b_ours = (work / "ours.h5").stat().st_size / n_tok
             b_gzip = (work / "ours_gzip.h5").stat().st_size / n_tok
-            ss, so = storage(work / "seed.h5"), storage(work / "ours.h5")
+            ss, so = storage(work / "prototype.h5"), storage(work / "ours.h5")
             mass = float(np.exp(d["lp"]).sum(-1).mean())
             size_rows.append((
-                name, f"{d['entropy']:.2f}", f"{mass:.3f}", f"{b_seed:.1f}", f"{b_ours:.1f}", f"{b_ours / b_seed:.3f}",
-                f"{b_gzip / b_seed:.3f}", f"{ss['indices'] / n_tok:.0f} / {so['target_ids'] / n_tok:.0f}",
+                name, f"{d['entropy']:.2f}", f"{mass:.3f}", f"{b_proto:.1f}", f"{b_ours:.1f}",
+                f"{b_ours / b_proto:.3f}",
+                f"{b_gzip / b_proto:.3f}", f"{ss['indices'] / n_tok:.0f} / {so['target_ids'] / n_tok:.0f}",
                 f"{ss['values'] / n_tok:.0f} / {so['target_deltas'] / n_tok:.0f}",
             ))
-            ko, ks = delta_kl(d, ours_vals), delta_kl(d, seed_vals)
-            for layout, kd in (("ours", ko), ("seed fp16", ks)):
+            ko, ks = delta_kl(d, ours_vals), delta_kl(d, proto_vals)
+            for layout, kd in (("ours", ko), ("prototype fp16", ks)):
                 kl_rows.append((name, layout, *(f"{v:.2e}" if k != "max |err|" else f"{v:.4f}" for k, v in kd.items())))
 
-        print(f"\n## 1. bytes/token at k={K} (whole HDF5 files; seed = float16 log-probs + int32 ids + gzip)\n")
-        _table(["data", "entropy", "top-64 mass", "seed B/tok", "ours B/tok", "ours/seed", "ours(gzip)/seed",
-                "ids B/tok seed/ours", "values B/tok seed/ours"], size_rows)
+        print(f"\n## 1. bytes/token at k={K} (whole HDF5 files; prototype = float16 log-probs + int32 ids + gzip)\n")
+        _table(["data", "entropy", "top-64 mass", "prototype B/tok", "ours B/tok", "ours/prototype",
+                "ours(gzip)/prototype",
+                "ids B/tok prototype/ours", "values B/tok prototype/ours"], size_rows)
         print(f"[sizes and KL: {time.time() - t0:.0f} s]", file=sys.stderr)
         print("\n## 2. mean |ΔKL| per position vs exact float32 top-k (student = teacher + N(0,1) logit noise)\n")
         _table(["data", "layout", "renorm T=1", "renorm T=2", "tail T=1", "KL(q||q_dec)", "max |err| nats"], kl_rows)
@@ -358,7 +364,8 @@ def main(argv=None):
         train = max(train, training_consumption(model, cache, 16))
         print("\n## 4. reader throughput vs training consumption (batch 16 x 128, shuffled)\n")
         _table(["reader, 0 workers", "reader, 2 workers", "one training step consumes", "ratio 0 / 2 workers"],
-               [(f"{r0:,.0f} tok/s", f"{r2:,.0f} tok/s", f"{train:,.0f} tok/s", f"{r0 / train:.0f}x / {r2 / train:.0f}x")])
+               [(f"{r0:,.0f} tok/s", f"{r2:,.0f} tok/s", f"{train:,.0f} tok/s",
+                 f"{r0 / train:.0f}x / {r2 / train:.0f}x")])
         print(f"[reader and training: {time.time() - t0:.0f} s]", file=sys.stderr)
         print(f"\n(total {time.time() - t_start:.0f} s; torch {torch.__version__}, {os.cpu_count()} CPUs)")
     finally:

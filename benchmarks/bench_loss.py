@@ -3,7 +3,8 @@
 Section ``loss``: forward + backward of one loss over [positions, V] student logits:
   (a) plain CE           F.cross_entropy(logits, labels)
   (b) sparse (ours)      moedistill.losses.distillation_loss on top-k cache targets
-  (c) dense (seed)       the seed's reconstruction: the top-k log-probs scattered into a
+  (c) dense (prototype)  the original prototype's reconstruction (the earlier distillation
+                         scripts this project replaces): the top-k log-probs scattered into a
                          full-vocabulary tensor filled with -1e4, softmax(./T), then
                          F.kl_div(log_softmax(z/T), .) * T^2 blended with CE
 
@@ -27,7 +28,7 @@ How it is measured (all variants in one run of this script):
   with plain CE (``--repeats`` rounds each) and the ratio is that of the two medians,
   measured side by side; row (a) is the CE measured beside (b). The first round also
   measures the peaks.
-* The seed's dense variant needs ~7x the logits; when the free memory cannot hold it
+* The prototype's dense variant needs ~7x the logits; when the free memory cannot hold it
   at the requested size it is measured at fewer positions (halving), against CE at the
   same size in the same process, since every cost here is linear in the positions.
 
@@ -162,7 +163,7 @@ class LossBench:
 LOSS_VARIANTS = {
     "ce": "(a) plain CE",
     "sparse": "(b) sparse (ours)",
-    "dense": "(c) dense (seed)",
+    "dense": "(c) dense (prototype)",
 }
 
 
@@ -198,7 +199,7 @@ def _loss_step(variant, cfg: LossBench, logits, labels, ids, lps):
         loss = distillation_loss(
             logits, labels, ids, lps, alpha=a, temperature=t, tail=cfg.tail, chunk_size=cfg.chunk_size
         ).total
-    else:  # the seed: dense teacher rebuilt from the top-k, then F.kl_div
+    else:  # the original prototype: dense teacher rebuilt from the top-k, then F.kl_div
         z = logits.view(-1, v)
         teacher = torch.full_like(z, -1e4).scatter_(1, ids.view(-1, cfg.k), lps.view(-1, cfg.k).to(z.dtype))
         kl = F.kl_div(F.log_softmax(z / t, -1), F.softmax(teacher / t, -1), reduction="batchmean") * t * t
@@ -251,7 +252,7 @@ def _loss_worker(variant: str, cfg_dict: dict) -> dict:
 
 
 # Memory of a variant's process in units of the fp32 logits: the inputs (1x) plus the
-# larger of its own peak and CE's (measured: CE ~3.0x, ours ~1.1x, the seed's dense ~6.0x).
+# larger of its own peak and CE's (measured: CE ~3.0x, ours ~1.1x, the prototype's dense ~6.0x).
 # Used only to pick a size that fits.
 _NEED = {"ce": 4.0, "sparse": 4.0, "dense": 7.0}
 
@@ -537,7 +538,8 @@ def _add_flags(p: argparse.ArgumentParser):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--section", default="all", choices=["all", *SECTIONS])
     p.add_argument("--repeats", type=int, default=3, help="timed rounds per variant (median)")
     p.add_argument("--device", default="cuda" if _cuda_available() else "cpu")

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Generate the offline teacher cache with the seed's command-line flags.
+"""Generate the offline teacher cache with the original prototype's command-line flags.
 
     python scripts/generate_teacher_logits.py --output_dir outputs/teacher_logits
     python scripts/generate_teacher_logits.py --teacher_model Qwen/Qwen3-30B-A3B \\
@@ -12,6 +12,9 @@ its corpus) and replaces what the flags give. ``--output_dir`` is the cache dire
 itself (manifest.json + shard-*.h5 are written there). Rerunning the same command
 resumes an interrupted run; a different configuration against an existing cache is
 refused unless ``--overwrite``. Same thing as ``moedistill cache cache.dir=DIR ...``.
+
+The flag names are those of the original prototype's cache script (one of the earlier
+distillation scripts this project replaces), so its command lines keep working.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ import sys
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher_model", default=None, help="hub id, local directory or 'tiny' (default: the config's teacher)")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher_model", default=None,
+                   help="hub id, local directory or 'tiny' (default: the config's teacher)")
     p.add_argument("--dataset", default=None, help="HF dataset name, local .txt/.jsonl/.parquet, or 'tiny'")
     p.add_argument("--dataset_config", default=None, help="HF dataset configuration name")
     p.add_argument("--output_dir", required=True, help="cache directory to write")
@@ -34,11 +39,13 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=int, default=None, help="sequences per teacher forward")
     p.add_argument("--mode", choices=["topk", "sample"], default=None, help="topk (default) or sample")
     p.add_argument("--num_samples", type=int, default=None, help="draws per position in sample mode")
-    p.add_argument("--seed", type=int, default=None, help="seed of the draws in sample mode")
+    p.add_argument("--seed", type=int, default=None,
+                   help="random seed of the draws in sample mode (default: the config's seed)")
     p.add_argument("--device_map", default=None,
                    help="'auto' spreads a teacher larger than one GPU over all visible GPUs (one process)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing cache of another configuration")
-    p.add_argument("--config-name", default="tiny", help="base config in conf/distillation or a YAML path (default: tiny)")
+    p.add_argument("--config-name", default="tiny",
+                   help="base config in conf/distillation or a YAML path (default: tiny)")
     return p.parse_args(argv)
 
 
@@ -83,7 +90,7 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     try:
-        from moedistill.cache.generate import generate_from_config
+        from moedistill.commands.cache import generate_from_config
 
         path = generate_from_config(build_config(args))
         shutdown()

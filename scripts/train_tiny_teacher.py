@@ -84,7 +84,9 @@ def perplexity(model, blocks: np.ndarray, batch_size: int = 16) -> float:
         x = torch.from_numpy(blocks[i : i + batch_size]).long()
         logits = model(input_ids=x).logits[:, :-1].float()
         y = x[:, 1:]
-        nll += torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum").item()
+        nll += torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum"
+        ).item()
         n += y.numel()
     return math.exp(nll / n)
 

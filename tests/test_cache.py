@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from moedistill.cache import encode, generate_cache, inspect_cache, open_cache, to_dense
-from moedistill.cache import format as fmt
-from moedistill.cache.generate import batch_targets
+from moedistill.cache.layout import identity_diff
+from moedistill.cache.sparsify import batch_targets
 from moedistill.data import prepare
 from moedistill.errors import UserError
 
@@ -37,7 +37,8 @@ def teacher_logits(tiny, packed):
 
 
 def _make(tiny, packed, path, **kw):
-    args = dict(mode="topk", top_k=K, num_samples=N_DRAWS, batch_size=BATCH, teacher_name="tiny", seed=3, progress=False)
+    args = dict(mode="topk", top_k=K, num_samples=N_DRAWS, batch_size=BATCH, teacher_name="tiny", seed=3,
+                progress=False)
     args.update(kw)
     return generate_cache(tiny[0], tiny[1], packed, path, **args)
 
@@ -157,7 +158,8 @@ def test_sample_mode_items(sample_cache, teacher_logits, capsys):
         for t in range(SEQ_LEN):
             u = ids[t][valid[t]]
             assert len(set(u.tolist())) == len(u)  # distinct
-            assert (lp[t][valid[t]] - ref_lp[i, t, u]).abs().max() <= 2.0**-5 + 1e-5  # half the coarsest step at width 24
+            # half the coarsest step at width 24
+            assert (lp[t][valid[t]] - ref_lp[i, t, u]).abs().max() <= 2.0**-5 + 1e-5
             assert (torch.diff(lp[t][valid[t]]) <= 1e-6).all()  # sorted descending
 
 
@@ -208,7 +210,8 @@ def test_dataloader_workers_return_the_same_items(topk_cache):
 def test_fingerprint_mismatch_names_both_values(topk_cache, packed, tiny):
     ok = {"teacher": "tiny", "tokenizer": tiny[1], "data": packed, "seq_len": SEQ_LEN}
     open_cache(topk_cache, expect=ok)
-    for key, wrong in (("teacher", "Qwen/Qwen3-30B-A3B"), ("tokenizer", "ab" * 32), ("data", "cd" * 32), ("seq_len", 4096)):
+    for key, wrong in (("teacher", "Qwen/Qwen3-30B-A3B"), ("tokenizer", "ab" * 32), ("data", "cd" * 32),
+                       ("seq_len", 4096)):
         with pytest.raises(UserError) as e:
             open_cache(topk_cache, expect={**ok, key: wrong})
         msg = str(e.value)
@@ -313,5 +316,6 @@ def test_nan_logits_name_the_batch(tiny, packed, tmp_path, mode):
 def test_identity_diff_lists_changes():
     a = {"mode": "topk", "fingerprints": {"data": "x"}}
     b = {"mode": "sample", "fingerprints": {"data": "y"}}
-    diff = fmt.identity_diff(a, b)
-    assert "mode: cache has topk, this run has sample" in diff and "fingerprints.data: cache has x, this run has y" in diff
+    diff = identity_diff(a, b)
+    assert ("mode: cache has topk, this run has sample" in diff
+            and "fingerprints.data: cache has x, this run has y" in diff)

@@ -104,9 +104,9 @@ def test_resume_after_kill_9_equals_uninterrupted(references, tmp_path, capsys):
 
 def test_resume_after_interrupt_equals_uninterrupted(references, tmp_path, monkeypatch):
     """Top-k mode, interrupted in-process (Ctrl-C in the teacher's third forward)."""
-    import moedistill.models
+    import moedistill.commands.common
 
-    real_get_model, calls = moedistill.models.get_model, []
+    real_get_model, calls = moedistill.commands.common.get_model, []
 
     def interrupt_third_forward(module, args):
         calls.append(1)
@@ -119,11 +119,11 @@ def test_resume_after_interrupt_equals_uninterrupted(references, tmp_path, monke
         return model, tok
 
     out = tmp_path / "cache"
-    monkeypatch.setattr(moedistill.models, "get_model", get_model)
+    monkeypatch.setattr(moedistill.commands.common, "get_model", get_model)
     with pytest.raises(KeyboardInterrupt):
         _script_main([*ARGS, "--mode", "topk", "--output_dir", str(out)])
     assert len(list((out / "parts").glob("part-*.h5"))) == 2
-    monkeypatch.setattr(moedistill.models, "get_model", real_get_model)
+    monkeypatch.setattr(moedistill.commands.common, "get_model", real_get_model)
     assert _script_main([*ARGS, "--mode", "topk", "--output_dir", str(out)]) == 0
     _assert_same(_content(out), _content(references["topk"]))
 
@@ -131,7 +131,8 @@ def test_resume_after_interrupt_equals_uninterrupted(references, tmp_path, monke
 def test_torchrun_two_processes_equal_one(references, tmp_path):
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     out = tmp_path / "cache"
-    cmd = [torchrun, "--standalone", "--nproc_per_node=2", str(SCRIPT), *ARGS, "--mode", "sample", "--output_dir", str(out)]
+    cmd = [torchrun, "--standalone", "--nproc_per_node=2", str(SCRIPT), *ARGS, "--mode", "sample",
+           "--output_dir", str(out)]
     r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     m = json.loads((out / "manifest.json").read_text())

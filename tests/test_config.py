@@ -11,11 +11,12 @@ from moedistill.errors import UserError
 
 def test_both_shipped_configs_validate():
     assert {"default", "tiny"} <= set(available_configs())
-    seed = load_config("default")
-    assert seed.loss.alpha == 0.5 and seed.loss.temperature == 2.0
-    assert seed.training["learning_rate"] == 5e-5 and seed.training["num_train_epochs"] == 3
-    assert [(r.pattern, r.lr_multiplier) for r in seed.param_groups.rules] == [
-        (".*shared_core.*", 1.0), (".*wrapper.*", 1.0), (".*embed_tokens.*", 0.1), (".*lm_head.*", 0.1), (".*norm.*", 0.5),
+    default = load_config("default")
+    assert default.loss.alpha == 0.5 and default.loss.temperature == 2.0
+    assert default.training["learning_rate"] == 5e-5 and default.training["num_train_epochs"] == 3
+    assert [(r.pattern, r.lr_multiplier) for r in default.param_groups.rules] == [
+        (".*shared_core.*", 1.0), (".*wrapper.*", 1.0), (".*embed_tokens.*", 0.1), (".*lm_head.*", 0.1),
+        (".*norm.*", 0.5),
     ]
     tiny = load_config("tiny")
     assert isinstance(tiny, Config) and tiny.teacher.name == "tiny"

@@ -213,8 +213,12 @@ def test_tail_is_exact_coarsened_kl_at_t1():
 def test_alpha_zero_is_cross_entropy():
     logits, labels, ids, lps, _ = make_batch(seed=8)
     for tail in ("renormalize", "tail"):
-        (v, *_), g = value_and_grad(lambda x: distillation_loss(x, labels, ids, lps, alpha=0.0, temperature=2.0, tail=tail), logits)
-        (ce,), g_ce = value_and_grad(lambda x: [F.cross_entropy(x.reshape(-1, 40), labels.reshape(-1), ignore_index=-100)], logits)
+        (v, *_), g = value_and_grad(
+            lambda x: distillation_loss(x, labels, ids, lps, alpha=0.0, temperature=2.0, tail=tail), logits
+        )
+        (ce,), g_ce = value_and_grad(
+            lambda x: [F.cross_entropy(x.reshape(-1, 40), labels.reshape(-1), ignore_index=-100)], logits
+        )
         assert v == pytest.approx(ce, rel=1e-6)
         torch.testing.assert_close(g, g_ce, rtol=1e-5, atol=1e-7)
 
@@ -246,7 +250,9 @@ def test_padding_equals_compact_targets(tail):
     pad_counts = torch.cat([counts, torch.zeros_like(counts[..., :4])], -1).gather(-1, order)
     kw = dict(alpha=0.5, temperature=2.0, tail=tail)
     (v1, *_), g1 = value_and_grad(lambda x: distillation_loss(x, labels, ids, lps, target_counts=counts, **kw), logits)
-    (v2, *_), g2 = value_and_grad(lambda x: distillation_loss(x, labels, pad_ids, pad_lps, target_counts=pad_counts, **kw), logits)
+    (v2, *_), g2 = value_and_grad(
+        lambda x: distillation_loss(x, labels, pad_ids, pad_lps, target_counts=pad_counts, **kw), logits
+    )
     assert v1 == pytest.approx(v2, rel=1e-5)  # fp32 sums in another order
     torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-7)
     # one position with no stored id at all: its KL is 0, its CE still counts
@@ -358,7 +364,9 @@ def test_sample_estimate_converges_to_exact_kl(temperature):
     errors = []
     for n_draws in (30, 3_000, 300_000):
         ids, lps, counts = sample_targets(lp_full, n_draws, seed=n_draws)
-        est = distillation_loss(logits, labels, ids, lps, target_counts=counts, alpha=1.0, temperature=temperature, tail="sample")
+        est = distillation_loss(
+            logits, labels, ids, lps, target_counts=counts, alpha=1.0, temperature=temperature, tail="sample"
+        )
         errors.append(abs(float(est.kl) - float(exact)))
     assert errors[-1] < errors[0]
     assert errors[-1] < 0.01 * float(exact) + 1e-3

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from moedistill.errors import UserError
-from moedistill.models import TINY_TEACHER, get_model, model_fingerprint
+from moedistill.fingerprints import model_fingerprint
+from moedistill.models import TINY_TEACHER, get_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

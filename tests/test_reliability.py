@@ -244,13 +244,13 @@ def test_disk_full_while_saving_a_checkpoint_is_never_resumed_from(world, tmp_pa
 
 
 def test_disk_full_while_writing_the_cache_is_never_accepted(world, tmp_path, capsys, monkeypatch):
-    from moedistill.cache import format as fmt
+    from moedistill import files
     from moedistill.cache import open_cache
 
     out = tmp_path / "out"
     cache = out / "cache" / "topk"
     argv = ["cache", *overrides(world, out)]
-    real_fsync, real_json = fmt.fsync_path, fmt.atomic_write_json
+    real_fsync, real_json = files.fsync_path, files.atomic_write_json
 
     def full_at_shard(path):
         if Path(path).name.startswith("shard-"):  # the merged shard is written, not yet renamed into place
@@ -264,7 +264,7 @@ def test_disk_full_while_writing_the_cache_is_never_accepted(world, tmp_path, ca
 
     for name, fault in (("fsync_path", full_at_shard), ("atomic_write_json", full_at_complete_manifest)):
         with monkeypatch.context() as m:
-            m.setattr(fmt, name, fault)
+            m.setattr(files, name, fault)
             assert main(argv) == 2
         assert "no space left on the device" in error_line(capsys.readouterr().err)
         with pytest.raises(UserError, match="is incomplete"):
@@ -312,7 +312,8 @@ def test_nan_stops_the_run_naming_step_and_batch(world, tmp_path, where):
             return out
 
         student.register_forward_hook(poison, with_kwargs=True)
-    args = TrainingArguments(output_dir=str(tmp_path / "run"), use_cpu=True, report_to=[], per_device_train_batch_size=2,
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), use_cpu=True, report_to=[],
+                             per_device_train_batch_size=2,
                              max_steps=16, save_strategy="steps", save_steps=1, disable_tqdm=True, logging_steps=1)
     trainer = DistillationTrainer(student, args, train_dataset=Poisoned(cache))
     with pytest.raises(NonFiniteLossError) as e:
@@ -320,7 +321,8 @@ def test_nan_stops_the_run_naming_step_and_batch(world, tmp_path, where):
     msg = str(e.value)
     step = trainer.state.global_step + 1
     assert "\n" not in msg
-    assert (f"loss is nan at step {step}" if where == "student-logits" else f"NaN/+inf log-probabilities at step {step}") in msg
+    assert (f"loss is nan at step {step}" if where == "student-logits"
+            else f"NaN/+inf log-probabilities at step {step}") in msg
     batch = json.loads(msg.split("batch of training sequences ")[1].split("]")[0] + "]")
     assert BAD in batch and len(batch) == 2
     saved = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "run").glob("checkpoint-*"))
@@ -352,7 +354,8 @@ def test_torchrun_train_from_scratch_compresses_once_and_shards_the_caches(world
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     small = ["student.name=null", "compress.rank=1", "compress.calibration_sequences=4", "compress.report_ranks=[]",
              *TWO_PROCESSES]
-    cmd = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "moedistill.cli", "train", *overrides(world, out, *small)]
+    cmd = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "moedistill.cli", "train",
+           *overrides(world, out, *small)]
     r = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-12000:]
     assert (r.stdout + r.stderr).count("[compress] wrote") == 1
@@ -425,14 +428,16 @@ def _cases(w):
         ("alpha", "train", ["loss.alpha=1.5"], "loss.alpha=1.5 is outside [0, 1]"),
         ("temperature", "train", ["loss.temperature=0"], "loss.temperature=0.0 must be > 0"),
         ("top_k<1", "cache", ["cache.top_k=0"], "cache.top_k=0 must be >= 1"),
-        ("top_k>vocab", "cache", ["cache.top_k=5000"], f"top_k=5000 must be between 1 and the teacher's vocabulary size {w.vocab}"),
+        ("top_k>vocab", "cache", ["cache.top_k=5000"],
+         f"top_k=5000 must be between 1 and the teacher's vocabulary size {w.vocab}"),
         ("regex", "train", ["param_groups.rules=[{pattern: '(['}]"], "is not a valid regex"),
         ("rule-matches-nothing", "train", ["param_groups.rules=[{pattern: no_such_param, lr_multiplier: 1.0}]"],
          "param_groups.rules[0] pattern 'no_such_param' matches no parameter"),
         ("unknown-key", "train", ["+loss.alpah=0.3"], "unknown key 'loss.alpah'"),
         ("missing-file", "cache", ["data.dataset=/nonexistent/corpus.txt"], "does not exist"),
         ("missing-split", "cache", [f"data.dataset={w.data_dir}", "data.split=nope"], "no 'nope' split"),
-        ("missing-hub-dataset", "cache", ["data.dataset=nobody/no-such-dataset"], "cannot load dataset 'nobody/no-such-dataset'"),
+        ("missing-hub-dataset", "cache", ["data.dataset=nobody/no-such-dataset"],
+         "cannot load dataset 'nobody/no-such-dataset'"),
         ("empty-dataset", "cache", [f"data.dataset={w.data_dir / 'empty.txt'}"], "holds no text"),
         ("seq_len>context(cache)", "cache", ["data.seq_len=128"], "data.seq_len=128 is longer than the teacher"),
         ("seq_len>context(train)", "train", ["data.seq_len=128"], "data.seq_len=128 is longer than the student"),
@@ -440,9 +445,11 @@ def _cases(w):
          f"fingerprints.teacher.name: cache has {w.teacher}, this run has {w.teacher2}"),
         ("cache-of-another-seq_len", "train", ["data.seq_len=8"], "seq_len: cache has 16, this run has 8"),
         ("cache-of-other-data", "cache", ["data.max_sequences=12"], "holds a different teacher cache"),
-        ("cache-of-another-tokenizer", "cache", [f"teacher.name={w.root / 'other-tokenizer'}"], "fingerprints.tokenizer"),
+        ("cache-of-another-tokenizer", "cache", [f"teacher.name={w.root / 'other-tokenizer'}"],
+         "fingerprints.tokenizer"),
         ("no-overwrite", "cache", ["cache.top_k=4"], "pass --overwrite (cache.overwrite=true)"),
-        ("dir-holds-other-files", "cache", [f"cache.dir={w.root / 'foreign'}"], "is not empty and holds no teacher cache"),
+        ("dir-holds-other-files", "cache", [f"cache.dir={w.root / 'foreign'}"],
+         "is not empty and holds no teacher cache"),
         ("student-lacks-ids", "train", [f"student.name={w.small_student}"],
          f"has a vocabulary of {w.vocab} ids but the student {w.small_student} only {w.vocab // 4}"),
     ]
@@ -502,12 +509,16 @@ def test_truncated_corrupted_or_incomplete_checkpoint_is_refused_on_resume(world
     argv = ["train", *overrides(world, out)]
     cut = run / "02-full" / "checkpoint-2" / "model.safetensors"
     cut.write_bytes(cut.read_bytes()[:-64])
-    assert f"checkpoint file {cut} is truncated" in refused(capsys, [*argv[:1], "--resume", str(cut.parent), *argv[1:]], out)
+    assert f"checkpoint file {cut} is truncated" in refused(
+        capsys, [*argv[:1], "--resume", str(cut.parent), *argv[1:]], out
+    )
     opt = run / "01-wrappers" / "checkpoint-4" / "optimizer.pt"
     raw = bytearray(opt.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     opt.write_bytes(bytes(raw))
-    assert f"checkpoint file {opt} is corrupted" in refused(capsys, [*argv[:1], "--resume", str(opt.parent), *argv[1:]], out)
+    assert f"checkpoint file {opt} is corrupted" in refused(
+        capsys, [*argv[:1], "--resume", str(opt.parent), *argv[1:]], out
+    )
     (run / "01-wrappers" / "checkpoint-2" / "checkpoint.json").unlink()
     ckpt = run / "01-wrappers" / "checkpoint-2"
     assert f"checkpoint {ckpt} is incomplete" in refused(capsys, [*argv[:1], "--resume", str(ckpt), *argv[1:]], out)
@@ -560,7 +571,8 @@ TWO_PROCESSES = ("training.per_device_train_batch_size=1", "training.gradient_ac
 
 def test_torchrun_two_processes_train_like_one(world, tmp_path):
     """2 CPU processes (gloo), each accumulating 2 micro-batches of 1 sequence, against the
-    reference (1 process, batches of 4 sequences): the same global batches, so the same loss curve and weights up to float summation order.
+    reference (1 process, batches of 4 sequences): the same global batches, so the same loss
+    curve and weights up to float summation order.
     Then the same 2-process run crashed after a checkpoint and resumed under torchrun."""
     out = with_caches(world, tmp_path / "out")
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
@@ -575,8 +587,10 @@ def test_torchrun_two_processes_train_like_one(world, tmp_path):
         for k in ("loss", "ce_loss", "kl_loss", "grad_norm"):
             assert two[s][k] == pytest.approx(e[k], rel=1e-4), (s, k)
     # 5 validation sequences on 2 processes: each counted once (no repeated sequence to even the batches)
-    evals = [[(e["eval_kl"], e["eval_tokens"]) for e in train_log(d) if "eval_kl" in e] for d in (world.ref, out)]
-    assert [t for _, t in evals[1]] == [t for _, t in evals[0]] == [5 * 15] * len(evals[0])  # 15 labels per 16-token sequence
+    evals = [[(e["eval_kl_lower_bound"], e["eval_tokens"]) for e in train_log(d) if "eval_kl_lower_bound" in e]
+             for d in (world.ref, out)]
+    # 15 labels per 16-token sequence
+    assert [t for _, t in evals[1]] == [t for _, t in evals[0]] == [5 * 15] * len(evals[0])
     assert [kl for kl, _ in evals[1]] == pytest.approx([kl for kl, _ in evals[0]], rel=1e-5)
     a, b = weights(out), weights(world.ref)
     for k in b:
@@ -648,6 +662,7 @@ def test_accelerate_configs_load_and_name_their_backend():
         assert getattr(args, flag) and args.module and args.mixed_precision == "bf16", name
     args, _, _ = _validate_launch_command(
         launch_command_parser().parse_args(["--config_file", str(conf / "deepspeed_zero3.yaml"), "x.py"]))
-    assert int(args.zero_stage) == 3 and not args.zero3_init_flag in (True, "true")
-    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(["--config_file", str(conf / "fsdp.yaml"), "x.py"]))
+    assert int(args.zero_stage) == 3 and args.zero3_init_flag not in (True, "true")
+    args, _, _ = _validate_launch_command(
+        launch_command_parser().parse_args(["--config_file", str(conf / "fsdp.yaml"), "x.py"]))
     assert str(args.fsdp_version) == "2" and args.fsdp_state_dict_type == "FULL_STATE_DICT"

@@ -53,7 +53,8 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("output", help="where to write the plain HF checkpoint")
             sp.add_argument("--dtype", default=None, help="save dtype (float32, bfloat16, float16)")
             continue
-        sp.add_argument("--config-name", "-c", default="tiny", help="config in conf/distillation or a YAML path (default: tiny)")
+        sp.add_argument("--config-name", "-c", default="tiny",
+                        help="config in conf/distillation or a YAML path (default: tiny)")
         sp.add_argument("--multirun", "-m", action="store_true", help="sweep comma-separated override values")
         if name == "eval":
             sp.add_argument("--model", default=None, help="model to evaluate (default: the trained student)")
@@ -103,6 +104,8 @@ def _check_launch(cmd: str) -> None:
 
 
 def _dispatch(args, cfg):
+    # Each verb's module is imported only when that verb runs: importing them all would load
+    # torch and transformers (seconds) before `moedistill --help` or a config error could print.
     cmd = args.command
     _check_launch(cmd)
     if cmd == "config":
@@ -110,23 +113,23 @@ def _dispatch(args, cfg):
 
         print(dump_yaml(cfg), end="")
     elif cmd == "run":
-        from moedistill.pipeline import run
+        from moedistill.commands.run import run
 
         run(cfg)
     elif cmd == "cache":
-        from moedistill.cache.generate import generate_from_config
+        from moedistill.commands.cache import generate_from_config
 
         generate_from_config(cfg)
     elif cmd == "compress":
-        from moedistill.compression import compress_from_config
+        from moedistill.commands.compress import compress_from_config
 
         compress_from_config(cfg)
     elif cmd == "train":
-        from moedistill.train import train_from_config
+        from moedistill.commands.train import train_from_config
 
         train_from_config(cfg, resume=args.resume)
     elif cmd == "eval":
-        from moedistill.evaluate import eval_from_config
+        from moedistill.commands.eval import eval_from_config
 
         eval_from_config(cfg, model=args.model, cache=args.cache, output=args.output)
 
@@ -137,18 +140,18 @@ def main(argv: list[str] | None = None) -> int:
         _parser().print_help()
         return 0
     try:
-        if args.command == "inspect":
+        if args.command == "inspect":  # lazy for start-up time, as in _dispatch
             from moedistill.cache import inspect_cache
 
             inspect_cache(args.path, verify=args.verify)
             return 0
         if args.command == "export":
             _check_launch("export")
-            from moedistill.compression import export_checkpoint
+            from moedistill.compression.export import export_checkpoint
 
             export_checkpoint(args.checkpoint, args.output, dtype=args.dtype)
             return 0
-        from moedistill.config import load_config
+        from moedistill.config import load_config  # lazy: hydra/omegaconf are not needed for --help
 
         resume = getattr(args, "resume", None)
         if resume and "=" in resume and not Path(resume).exists():

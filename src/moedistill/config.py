@@ -244,9 +244,12 @@ def _check_rules(pg: ParamGroupsConfig, key: str):
         try:
             re.compile(r.pattern)
         except re.error as e:
-            raise UserError(f"config: {key}.rules[{i}].pattern {r.pattern!r} is not a valid regex ({e}); fix the pattern") from None
+            raise UserError(
+                f"config: {key}.rules[{i}].pattern {r.pattern!r} is not a valid regex ({e}); fix the pattern"
+            ) from None
         _check(r.lr_multiplier >= 0, f"{key}.rules[{i}].lr_multiplier={r.lr_multiplier} must be >= 0 (0 freezes)")
-        _check(r.weight_decay is None or r.weight_decay >= 0, f"{key}.rules[{i}].weight_decay={r.weight_decay} must be >= 0")
+        _check(r.weight_decay is None or r.weight_decay >= 0,
+               f"{key}.rules[{i}].weight_decay={r.weight_decay} must be >= 0")
 
 
 def validate(cfg: Config) -> Config:
@@ -256,7 +259,7 @@ def validate(cfg: Config) -> Config:
     _check_tail(cfg.loss.tail, "loss.tail")
     _check(cfg.loss.chunk_size >= 1, f"loss.chunk_size={cfg.loss.chunk_size} must be >= 1")
     _check(cfg.cache.mode in ("topk", "sample"), f"cache.mode={cfg.cache.mode!r} must be topk or sample")
-    _check(cfg.cache.top_k >= 1, f"cache.top_k={cfg.cache.top_k} must be >= 1; the seed uses cache.top_k=64")
+    _check(cfg.cache.top_k >= 1, f"cache.top_k={cfg.cache.top_k} must be >= 1, e.g. cache.top_k=64 (default.yaml)")
     _check(cfg.cache.num_samples >= 1, f"cache.num_samples={cfg.cache.num_samples} must be >= 1")
     _check(cfg.cache.batch_size >= 1, f"cache.batch_size={cfg.cache.batch_size} must be >= 1")
     _check(cfg.data.seq_len >= 2, f"data.seq_len={cfg.data.seq_len} must be >= 2")

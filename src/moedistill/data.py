@@ -9,8 +9,9 @@ appended after it, the documents are concatenated in their original order and cu
 blocks of ``seq_len`` tokens; the last incomplete block is dropped. Documents therefore
 cross block boundaries, and the order is deterministic (shuffling belongs to training).
 
-Fingerprints bind caches to data: ``tokenizer_hash`` hashes the tokenizer's full
-serialisation, ``stream_hash`` is the sha256 of the packed ``int32`` token array.
+Fingerprints bind caches to data (``moedistill.fingerprints``): ``tokenizer_hash`` hashes
+the tokenizer's full serialisation, ``stream_hash`` is the sha256 of the packed ``int32``
+token array.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from moedistill.errors import UserError
+from moedistill.fingerprints import stream_hash, tokenizer_hash
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 EMBEDDED_CORPUS = ASSETS / "corpus"
@@ -157,7 +159,8 @@ def _load_hub(dataset: str, config: str | None, split: str, text_field: str, max
         ) from None
     if text_field not in ds.column_names:
         raise UserError(
-            f"dataset {dataset!r} has no column {text_field!r} (columns: {', '.join(ds.column_names)}); set data.text_field"
+            f"dataset {dataset!r} has no column {text_field!r} (columns: {', '.join(ds.column_names)}); "
+            "set data.text_field"
         )
     return [str(x) for x in ds[text_field]]
 
@@ -187,28 +190,6 @@ def pack(token_lists: Iterable[Sequence[int]], seq_len: int, eos_id: int) -> np.
         stream.append(eos_id)
     n = len(stream) // seq_len
     return np.asarray(stream[: n * seq_len], dtype=np.int32).reshape(n, seq_len)
-
-
-def stream_hash(blocks: np.ndarray) -> str:
-    """sha256 of the packed token stream (as contiguous little-endian int32)."""
-    a = np.ascontiguousarray(blocks, dtype="<i4")
-    h = hashlib.sha256()
-    h.update(str(a.shape).encode())
-    h.update(a.tobytes())
-    return h.hexdigest()
-
-
-def tokenizer_hash(tokenizer) -> str:
-    """sha256 of the tokenizer's full JSON serialisation (vocabulary, merges, normaliser, specials)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
-    if backend is not None:
-        payload = backend.to_str()
-    else:  # slow tokenizer: hash the vocabulary
-        payload = json.dumps(sorted(tokenizer.get_vocab().items()))
-    specials = json.dumps(
-        {"eos": tokenizer.eos_token, "bos": tokenizer.bos_token, "pad": tokenizer.pad_token}, sort_keys=True
-    )
-    return hashlib.sha256((payload + specials).encode()).hexdigest()
 
 
 @dataclass
@@ -250,7 +231,9 @@ def prepare(
     max_sequences: int | None = None,
 ) -> PackedData:
     """Load, tokenise and pack; ``max_sequences`` keeps the first N blocks."""
-    texts = load_texts(dataset, dataset_config=dataset_config, split=split, text_field=text_field, max_samples=max_samples)
+    texts = load_texts(
+        dataset, dataset_config=dataset_config, split=split, text_field=text_field, max_samples=max_samples
+    )
     if max_sequences is None:
         token_lists = tokenize(texts, tokenizer)
     else:  # tokenise only as many documents as the first max_sequences blocks need

@@ -4,24 +4,23 @@ Metrics (all per counted next-token position, labels already shifted):
 
 - ``perplexity`` / ``ce``: exp of the mean next-token cross-entropy of the model.
 - ``agreement``: fraction of positions where the model's argmax equals the teacher's.
-- ``kl``: KL(teacher || model) at temperature 1. With an online teacher it is exact over
-  the full vocabulary; with a top-k cache it is the KL between the two distributions
-  coarsened to the stored ids plus one bucket for the rest (a lower bound of the full KL
-  by the data-processing inequality, tight when the stored ids hold nearly all the mass).
+- ``kl_exact`` (with an online teacher): KL(teacher || model) at temperature 1, exact over
+  the full vocabulary; ``kl_lower_bound`` (with a top-k cache instead): the KL between the
+  two distributions coarsened to the stored ids plus one bucket for the rest, a lower
+  bound of the exact KL by the data-processing inequality, tight when the stored ids hold
+  nearly all the mass (the names of ``moedistill.targets.KL_NAMES``).
 - ``ece``: expected calibration error of the next-token prediction: positions are binned
   by the model's top-1 probability; ECE = sum_b |B_b|/N * |accuracy_b - confidence_b|.
 - ``expert_load`` (MoE models): per layer, the fraction of routed (token, slot) pairs that
   went to each expert.
 
-``evaluate_model`` is a pure function of tensors and modules; ``eval_from_config`` is the
-``moedistill eval`` glue.
+``evaluate_models`` / ``evaluate_model`` are pure functions of tensors and modules; the
+``moedistill eval`` glue is ``moedistill.commands.eval``.
 """
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,6 +28,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from moedistill.data import shifted_labels
+from moedistill.targets import KL_NAMES, PAD_LOGPROB, TopKTargets
 
 
 class _ExpertLoadRecorder:
@@ -64,17 +64,20 @@ def _kl_full(t_logits: torch.Tensor, s_logp: torch.Tensor) -> torch.Tensor:
     return (t_logp.exp() * (t_logp - s_logp)).sum(-1)
 
 
-def _kl_sparse(ids: torch.Tensor, t_lp: torch.Tensor, s_logp: torch.Tensor) -> torch.Tensor:
+def _kl_sparse(targets: TopKTargets, s_logp: torch.Tensor) -> torch.Tensor:
     """KL over the stored ids plus one bucket for the remaining mass (teacher and model)."""
-    valid = ids >= 0
-    safe = ids.clamp_min(0)
-    t_lp = torch.where(valid, t_lp.float(), torch.full_like(t_lp.float(), -math.inf))
-    s_sel = torch.where(valid, s_logp.gather(-1, safe), torch.full_like(t_lp, -math.inf))
+    valid = targets.valid
+    safe = targets.ids.clamp_min(0)
+    t_lp = targets.logprobs.float()
+    t_lp = torch.where(valid, t_lp, torch.full_like(t_lp, PAD_LOGPROB))
+    s_sel = torch.where(valid, s_logp.gather(-1, safe), torch.full_like(t_lp, PAD_LOGPROB))
     q = t_lp.exp()
     kl_in = torch.where(valid, q * (t_lp - s_sel), torch.zeros_like(q)).sum(-1)
     q_rest = (1 - q.sum(-1)).clamp_min(0)
     p_rest = (1 - s_sel.exp().sum(-1)).clamp_min(1e-12)
-    kl_rest = torch.where(q_rest > 1e-12, q_rest * (q_rest.clamp_min(1e-12).log() - p_rest.log()), torch.zeros_like(q_rest))
+    kl_rest = torch.where(
+        q_rest > 1e-12, q_rest * (q_rest.clamp_min(1e-12).log() - p_rest.log()), torch.zeros_like(q_rest)
+    )
     return kl_in + kl_rest
 
 
@@ -91,7 +94,7 @@ class _Metrics:
         self.acc = torch.zeros(ece_bins, dtype=torch.float64)
         self.cnt = torch.zeros(ece_bins, dtype=torch.float64)
 
-    def update(self, x, y, mask, t_logits=None, t_ids=None, t_lps=None):
+    def update(self, x, y, mask, t_logits=None, t_sparse: TopKTargets | None = None):
         device = next(self.model.parameters()).device
         s_logp = F.log_softmax(self.model(input_ids=x.to(device)).logits.float(), dim=-1)[mask.to(device)]  # [n, V]
         yy = y[mask].to(device)
@@ -107,13 +110,13 @@ class _Metrics:
             t_logits = t_logits.to(device)
             self.kl += _kl_full(t_logits, s_logp).sum().item()
             self.agree += (t_logits.argmax(-1) == pred).sum().item()
-        elif t_ids is not None:
-            ids, lps = t_ids.to(device), t_lps.to(device)
-            self.kl += _kl_sparse(ids, lps, s_logp).sum().item()
-            top = lps.masked_fill(ids < 0, -math.inf).argmax(-1, keepdim=True)
-            self.agree += (ids.gather(-1, top).squeeze(-1) == pred).sum().item()
+        elif t_sparse is not None:
+            t = TopKTargets(t_sparse.ids.to(device), t_sparse.logprobs.to(device))
+            self.kl += _kl_sparse(t, s_logp).sum().item()
+            top = t.logprobs.masked_fill(~t.valid, PAD_LOGPROB).argmax(-1, keepdim=True)
+            self.agree += (t.ids.gather(-1, top).squeeze(-1) == pred).sum().item()
 
-    def result(self, has_teacher: bool) -> dict:
+    def result(self, kl_name: str | None) -> dict:
         n = max(self.n, 1)
         out = {
             "ce": self.nll / n,
@@ -121,9 +124,9 @@ class _Metrics:
             "tokens": self.n,
             "ece": float((self.acc - self.conf).abs().sum() / self.cnt.sum().clamp_min(1)),
         }
-        if has_teacher:
+        if kl_name is not None:
             out["agreement"] = self.agree / n
-            out["kl"] = self.kl / n
+            out[kl_name] = self.kl / n
         load = self.rec.fractions()
         if load:
             out["expert_load"] = load
@@ -147,11 +150,12 @@ def evaluate_models(
         models: ``{name: causal LM returning .logits [B, L, V]}``.
         input_ids: int [N, L] packed blocks.
         teacher: optional teacher model (exact KL and agreement), or
-        teacher_targets: optional sequence of cache items (dicts with ``target_ids`` [L, K]
-            and ``target_logprobs`` [L, K]) aligned with ``input_ids`` (top-k cache).
+        teacher_targets: optional sequence of cache items (dicts with ``target_ids`` [L, W]
+            and ``target_logprobs`` [L, W]) aligned with ``input_ids`` (top-k cache).
     Returns:
         ``{name: metrics}``; metrics hold ``perplexity``, ``ce``, ``tokens``, ``ece`` and,
-        given a teacher, ``agreement`` and ``kl``; ``expert_load`` for MoE models.
+        given a teacher, ``agreement`` and ``kl_exact`` (online teacher) or ``kl_lower_bound``
+        (top-k targets); ``expert_load`` for MoE models.
     """
     x_all = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
     for m in models.values():
@@ -168,15 +172,17 @@ def evaluate_models(
                 kw["t_logits"] = teacher(input_ids=x.to(t_dev)).logits[mask.to(t_dev)]
             elif teacher_targets is not None:
                 items = [teacher_targets[j] for j in range(i, min(i + batch_size, len(x_all)))]
-                kw["t_ids"] = torch.stack([torch.as_tensor(it["target_ids"]) for it in items])[mask]
-                kw["t_lps"] = torch.stack([torch.as_tensor(it["target_logprobs"]) for it in items])[mask]
+                kw["t_sparse"] = TopKTargets(
+                    torch.stack([torch.as_tensor(it["target_ids"]) for it in items])[mask],
+                    torch.stack([torch.as_tensor(it["target_logprobs"]) for it in items])[mask],
+                )
             for a in acc.values():
                 a.update(x, y, mask, **kw)
     finally:
         for a in acc.values():
             a.rec.close()
-    has_teacher = teacher is not None or teacher_targets is not None
-    return {name: a.result(has_teacher) for name, a in acc.items()}
+    kl_name = KL_NAMES["dense"] if teacher is not None else (KL_NAMES["topk"] if teacher_targets is not None else None)
+    return {name: a.result(kl_name) for name, a in acc.items()}
 
 
 def evaluate_model(model, input_ids, **kwargs) -> dict:
@@ -186,48 +192,3 @@ def evaluate_model(model, input_ids, **kwargs) -> dict:
 
 def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def eval_blocks(cfg, tokenizer) -> np.ndarray:
-    """The packed blocks of ``cfg.data.eval_split`` that evaluation uses (``eval.max_sequences`` first)."""
-    from moedistill.data import prepare
-
-    d = cfg.data
-    return prepare(tokenizer, d.dataset, seq_len=d.seq_len, dataset_config=d.dataset_config, split=d.eval_split,
-                   text_field=d.text_field, max_sequences=cfg.eval.max_sequences or d.eval_max_sequences).blocks
-
-
-def eval_from_config(cfg, model: str | None = None, cache: str | None = None, output: str | None = None) -> dict:
-    """``moedistill eval``: evaluate ``model`` (default: the trained top-k student) on the eval split.
-
-    The teacher is used online when it fits (it is loaded from ``cfg.teacher``); with
-    ``cache`` (a cache of the eval split) the teacher is not loaded at all.
-    """
-    from moedistill.models import get_model
-
-    name = model or str(Path(cfg.output_dir) / "train" / "topk" / "final")
-    student, _ = get_model(name, dtype=cfg.student.dtype, trust_remote_code=cfg.student.trust_remote_code, with_tokenizer=False)
-    teacher, tok = None, None
-    targets = None
-    if cache:
-        from moedistill.cache import open_cache
-
-        targets = open_cache(cache)
-        blocks = np.stack([targets[i]["input_ids"].numpy() for i in range(len(targets))])
-    else:
-        teacher, tok = get_model(cfg.teacher.name, dtype=cfg.teacher.dtype, device_map=cfg.teacher.device_map,
-                                 trust_remote_code=cfg.teacher.trust_remote_code)
-        blocks = eval_blocks(cfg, tok)
-    if cfg.eval.max_sequences:
-        blocks = blocks[: cfg.eval.max_sequences]
-    metrics = evaluate_model(student, blocks, teacher=teacher, teacher_targets=targets,
-                             batch_size=cfg.eval.batch_size, ece_bins=cfg.eval.ece_bins)
-    metrics["model"] = name
-    metrics["parameters"] = count_parameters(student)
-    text = json.dumps(metrics, indent=2)
-    if output:
-        Path(output).parent.mkdir(parents=True, exist_ok=True)
-        Path(output).write_text(text + "\n")
-    summary = {k: v for k, v in metrics.items() if k != "expert_load"}
-    print(json.dumps(summary, indent=2))
-    return metrics

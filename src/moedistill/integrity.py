@@ -19,10 +19,10 @@ deep inside the loss into one clear line, before anything is written.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from moedistill.errors import UserError
+from moedistill.files import atomic_write_json, file_checksum, fsync_path
 
 CHECKPOINT_MANIFEST = "checkpoint.json"
 CHECKPOINT_FORMAT = "moedistill-checkpoint"
@@ -32,12 +32,6 @@ _verified: set[tuple[str, int]] = set()
 
 
 # --------------------------------------------------------------------------- checkpoints
-
-
-def _checksum(path: Path) -> str:
-    from moedistill.cache.format import file_checksum
-
-    return file_checksum(path)
 
 
 def _files(ckpt: Path) -> list[Path]:
@@ -58,28 +52,10 @@ def mark_checkpoint(ckpt, info: dict | None = None) -> dict:
     ckpt = Path(ckpt)
     files = {}
     for p in _files(ckpt):
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        files[p.relative_to(ckpt).as_posix()] = {"bytes": p.stat().st_size, "checksum": _checksum(p)}
+        fsync_path(p)
+        files[p.relative_to(ckpt).as_posix()] = {"bytes": p.stat().st_size, "checksum": file_checksum(p)}
     manifest = {"format": CHECKPOINT_FORMAT, "version": 1, **(info or {}), "files": files}
-    tmp = ckpt / (CHECKPOINT_MANIFEST + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, ckpt / CHECKPOINT_MANIFEST)
-    try:  # the rename itself
-        fd = os.open(ckpt, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:  # pragma: no cover - some filesystems cannot fsync a directory
-        pass
+    atomic_write_json(ckpt / CHECKPOINT_MANIFEST, manifest)
     return manifest
 
 
@@ -101,7 +77,10 @@ def verify_checkpoint(ckpt, checksums: bool = True) -> dict:
     """
     ckpt = Path(ckpt)
     if not ckpt.is_dir():
-        raise UserError(f"checkpoint {ckpt} does not exist; pass a checkpoint-N directory of this run, or --resume alone for the latest")
+        raise UserError(
+            f"checkpoint {ckpt} does not exist; pass a checkpoint-N directory of this run, "
+            "or --resume alone for the latest"
+        )
     record = ckpt / CHECKPOINT_MANIFEST
     fix = "resume from an earlier checkpoint (--resume with no value takes the latest complete one)"
     if not record.is_file():
@@ -118,8 +97,11 @@ def verify_checkpoint(ckpt, checksums: bool = True) -> dict:
             raise UserError(f"checkpoint file {f} is missing; {fix}")
         size = f.stat().st_size
         if size != int(rec["bytes"]):
-            raise UserError(f"checkpoint file {f} is truncated or altered: {size} bytes, {CHECKPOINT_MANIFEST} says {rec['bytes']}; {fix}")
-        if checksums and _checksum(f) != rec["checksum"]:
+            raise UserError(
+                f"checkpoint file {f} is truncated or altered: {size} bytes, "
+                f"{CHECKPOINT_MANIFEST} says {rec['bytes']}; {fix}"
+            )
+        if checksums and file_checksum(f) != rec["checksum"]:
             raise UserError(f"checkpoint file {f} is corrupted (checksum differs from {CHECKPOINT_MANIFEST}); {fix}")
     if checksums:
         _verified.add(key)

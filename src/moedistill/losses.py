@@ -10,20 +10,20 @@ temperature T. Offline, the teacher comes from the cache as sparse log-probabili
 Why chunked, and why a custom autograd function: at V = 151,936 the student's logits for
 4,096 positions are 2.5 GB in float32. Upcasting them whole (bf16 -> fp32) doubles that,
 ``log_softmax`` keeps another copy for backward, and its backward makes one more; a
-dense teacher of the same shape (the seed scattered the top-k into a full-vocabulary
-tensor) adds several more. Here the counted positions are processed ``chunk_size`` at a
+dense teacher of the same shape (the original prototype scattered the top-k into a
+full-vocabulary tensor) adds several more. Here the counted positions are processed ``chunk_size`` at a
 time: each chunk is upcast to fp32 into a reused work buffer, normalised with one fused
 softmax per temperature, and its gradient w.r.t. the logits is written straight into one
 buffer of the input's dtype. The backward pass only scales that buffer, so fwd+bwd holds the
 logits, their gradient and a few chunk-sized fp32 temporaries -- never a second [B, T, V]
 tensor. The price: the backward runs once (``retain_graph`` double backward is refused)
 and the loss has no second derivative. ``benchmarks/bench_loss.py`` measures it against
-plain CE and against the seed's dense rebuild.
+plain CE and against that prototype's dense rebuild.
 
 How each ``tail`` mode builds q_T from the stored ids S (log-probs ``lp`` at T=1 over
-the full vocabulary, padding ``id = -1`` / ``lp = -inf`` ignored):
+the full vocabulary, padding (``moedistill.targets.PAD_ID`` / ``PAD_LOGPROB``) ignored):
 
-* ``renormalize`` (the seed's behaviour): q_T(i) = exp(lp_i / T) / sum_{j in S} exp(lp_j / T).
+* ``renormalize`` (the original prototype's behaviour): q_T(i) = exp(lp_i / T) / sum_{j in S} exp(lp_j / T).
   The mass outside S is dropped and the student is pulled towards S only.
 * ``tail``: both distributions get one extra bucket for everything outside S, and KL is
   taken between these coarsened (|S| + 1)-outcome distributions (a lower bound on the
@@ -68,6 +68,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from moedistill.errors import UserError
+from moedistill.targets import DenseTargets, SampledTargets, Targets, TopKTargets
 
 IGNORE_INDEX = -100
 TAIL_MODES = ("renormalize", "tail", "sample")
@@ -77,7 +78,7 @@ TAIL_MODES = ("renormalize", "tail", "sample")
 # per chunk and 2.5 s with 1,024 (2 shared cores; with 32-64 per-op overhead dominated).
 CPU_CHUNK_BYTES = 128 * 2**20
 
-__all__ = ["LossOutput", "distillation_loss", "dense_distillation_loss", "IGNORE_INDEX", "TAIL_MODES"]
+__all__ = ["LossOutput", "teacher_loss", "distillation_loss", "dense_distillation_loss", "IGNORE_INDEX", "TAIL_MODES"]
 
 
 class LossOutput(NamedTuple):
@@ -90,6 +91,35 @@ class LossOutput(NamedTuple):
 
 
 # --------------------------------------------------------------------------- public API
+
+
+def teacher_loss(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    targets: Targets,
+    *,
+    alpha: float,
+    temperature: float,
+    tail: str = "renormalize",
+    num_items_in_batch: int | torch.Tensor | None = None,
+    chunk_size: int = 1024,
+) -> LossOutput:
+    """The blended loss against any kind of teacher targets (``moedistill.targets``).
+
+    ``DenseTargets`` -> :func:`dense_distillation_loss` (``tail`` does not apply);
+    ``TopKTargets`` / ``SampledTargets`` -> :func:`distillation_loss` with their ids,
+    log-probs (and counts). Shapes and the other arguments as there."""
+    if isinstance(targets, DenseTargets):
+        return dense_distillation_loss(
+            student_logits, targets.logits, labels, alpha=alpha, temperature=temperature,
+            num_items_in_batch=num_items_in_batch, chunk_size=chunk_size,
+        )
+    if not isinstance(targets, (TopKTargets, SampledTargets)):
+        raise TypeError(f"targets must be TopKTargets, SampledTargets or DenseTargets, got {type(targets).__name__}")
+    return distillation_loss(
+        student_logits, labels, targets.ids, targets.logprobs, alpha=alpha, temperature=temperature, tail=tail,
+        target_counts=getattr(targets, "counts", None), num_items_in_batch=num_items_in_batch, chunk_size=chunk_size,
+    )
 
 
 def distillation_loss(
@@ -110,13 +140,14 @@ def distillation_loss(
     Args:
         student_logits: [B, T, V], any float dtype (bf16 is fine: only chunks are upcast).
         labels: [B, T] int64, already shifted (labels[t] is the token after t); -100 = ignore.
-        target_ids: [B, T, K] int64, distinct per position; -1 = padding.
-        target_logprobs: [B, T, K] float32, the teacher's log-softmax at T=1 over its full
+        target_ids: [B, T, W] int64 (W: the targets' width, stored entries per position), distinct per
+            position; PAD_ID (-1) = padding.
+        target_logprobs: [B, T, W] float32, the teacher's log-softmax at T=1 over its full
             vocabulary for those ids; -inf at padding.
         alpha: weight of the KL term in [0, 1]; 0 gives exactly the mean CE.
         temperature: T > 0, applied to student and teacher alike.
         tail: ``renormalize`` | ``tail`` | ``sample``, see the module docstring.
-        target_counts: [B, T, K] draw counts (float or int; 0 at padding); ``sample`` only.
+        target_counts: [B, T, W] draw counts (float or int; 0 at padding); ``sample`` only.
         num_items_in_batch: divisor for the sums (counted positions of the whole
             optimizer step); default: the counted positions of this call.
         chunk_size: the most positions upcast to fp32 at a time; the loss holds 2-4 such
@@ -135,23 +166,25 @@ def distillation_loss(
     if target_ids.shape[:-1] != lead or target_logprobs.shape != target_ids.shape:
         raise UserError(
             f"target_ids {tuple(target_ids.shape)} / target_logprobs {tuple(target_logprobs.shape)} "
-            f"do not match labels {lead} + [K]; pass the cache item's targets for the same positions"
+            f"do not match labels {lead} + [W]; pass the cache item's targets for the same positions"
         )
     if tail == "sample":
         if target_counts is None:
             raise UserError("tail='sample' needs target_counts; use a sample-mode cache or another loss.tail")
         if target_counts.shape != target_ids.shape:
-            raise UserError(f"target_counts {tuple(target_counts.shape)} must match target_ids {tuple(target_ids.shape)}")
-    k = target_ids.shape[-1]
+            raise UserError(
+                f"target_counts {tuple(target_counts.shape)} must match target_ids {tuple(target_ids.shape)}"
+            )
+    width = target_ids.shape[-1]
     if target_ids.numel() and int(target_ids.max()) >= vocab:
         raise UserError(
             f"target id {int(target_ids.max())} is outside the student's vocabulary of {vocab}; "
             f"the cache was made with a different tokenizer or vocabulary size"
         )
     teacher = _SparseTeacher(
-        target_ids.reshape(-1, k),
-        target_logprobs.reshape(-1, k),
-        None if target_counts is None else target_counts.reshape(-1, k),
+        target_ids.reshape(-1, width),
+        target_logprobs.reshape(-1, width),
+        None if target_counts is None else target_counts.reshape(-1, width),
         tail,
         temperature,
         vocab,
@@ -430,12 +463,12 @@ class _SparseTeacher:
     def observe(self, sl, pieces, u):
         ids = self.ids[sl]
         lp = self.logprobs[sl].float()
-        valid = (ids >= 0) & (lp > -math.inf)
+        valid = (ids >= 0) & (lp > -math.inf)  # PAD_ID and any other negative id: padding
         counts = None
         if self.counts is not None:
             counts = self.counts[sl].float()
             valid &= counts > 0
-        idx = ids.clamp(min=0)  # padding points at id 0 and is masked out by `valid`
+        idx = ids.clamp(min=0)  # padding (PAD_ID) points at id 0 and is masked out by `valid`
         return {"idx": idx, "lp": lp, "valid": valid, "counts": counts, "u": u.gather(1, idx)}
 
     def finish(self, st, p, lse):
@@ -463,7 +496,9 @@ class _SparseTeacher:
         free = (self.vocab - k_valid).to(lp.dtype)  # ids outside S
         log_n = torch.minimum((log_r - lp_min).clamp(min=0.0), free.clamp(min=1).log())
         has_tail = (log_r > -math.inf) & (free > 0)
-        a_tail = torch.where(has_tail, log_r * self.inv_t + (1.0 - self.inv_t) * log_n, torch.full_like(log_r, -math.inf))
+        a_tail = torch.where(
+            has_tail, log_r * self.inv_t + (1.0 - self.inv_t) * log_n, torch.full_like(log_r, -math.inf)
+        )
         logw = torch.where(valid, lp * self.inv_t, ninf)
         log_zq = torch.logaddexp(_safe_lse(logw, empty=-math.inf), a_tail)  # finite: r = 1 if S is empty
         log_q = logw - log_zq
@@ -474,7 +509,9 @@ class _SparseTeacher:
         p.scatter_add_(1, st["idx"], torch.where(valid, -p_s, torch.zeros_like(p_s)))
         p_tail = p.sum(1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)  # underflow: huge, finite KL
         kl = _where_sum(valid, q * (log_q - log_p))
-        kl = kl + torch.where(q_tail > 0, q_tail * (a_tail - log_zq - p_tail.log()), torch.zeros_like(q_tail)).squeeze(1)
+        kl = kl + torch.where(
+            q_tail > 0, q_tail * (a_tail - log_zq - p_tail.log()), torch.zeros_like(q_tail)
+        ).squeeze(1)
         # d KL / d u_j = p_j - q_j on S and p_j (1 - q_tail / p_tail) outside S (p is now 0 on S).
         st["gamma"] = torch.where(valid, p_s - q, torch.zeros_like(q))
         return kl, 1.0 - torch.where(q_tail > 0, q_tail / p_tail, torch.zeros_like(q_tail))

@@ -2,9 +2,10 @@
 
 One code path for everything: a hub id, a local directory (any HF causal LM, or a
 compressed checkpoint of ours) or the alias ``tiny`` for the embedded teacher all go
-through ``AutoModelForCausalLM.from_pretrained``. Our compressed model type is
-registered with the Auto classes on import of ``moedistill.compression``, so
-checkpoint-0 loads here and with plain ``AutoModelForCausalLM`` after ``import moedistill.compression``.
+through ``AutoModelForCausalLM.from_pretrained``. Our compressed model types
+register themselves with the Auto classes when ``moedistill.compression.modeling_moedistill``
+is imported (this module does), so checkpoint-0 loads here and with plain
+``AutoModelForCausalLM`` after ``import moedistill.compression``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+import moedistill.compression.modeling_moedistill  # noqa: F401  (registers the compressed model types)
 from moedistill.data import ASSETS
 from moedistill.errors import UserError
 
@@ -39,8 +42,6 @@ def config_or_none(name_or_path: str, trust_remote_code: bool = False):
 
     For checks made before a large model loads; an unreadable model is left to
     :func:`get_model`, which reports it with its own message."""
-    from transformers import AutoConfig
-
     try:
         return AutoConfig.from_pretrained(resolve(name_or_path), trust_remote_code=trust_remote_code)
     except Exception:  # noqa: BLE001 - see the docstring
@@ -56,16 +57,7 @@ def parse_dtype(dtype):
     return _DTYPES[dtype]
 
 
-def _register_custom_models():
-    try:
-        import moedistill.compression  # noqa: F401  (registers the compressed MoE model type)
-    except ImportError:
-        pass
-
-
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
     path = resolve(name_or_path)
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -94,9 +86,6 @@ def get_model(
     Returns:
         ``(model, tokenizer)``; tokenizer is None when ``with_tokenizer`` is False.
     """
-    from transformers import AutoModelForCausalLM
-
-    _register_custom_models()
     path = resolve(name_or_path)
     if not Path(path).exists() and (path.startswith((".", "/", "~")) or Path(path).suffix):
         raise UserError(f"model {name_or_path!r} does not exist; check the path")
@@ -113,14 +102,3 @@ def get_model(
     model.eval()
     tok = load_tokenizer(tokenizer_from or name_or_path, trust_remote_code) if with_tokenizer else None
     return model, tok
-
-
-def model_fingerprint(model) -> str:
-    """Teacher identity for caches: name plus a hash of the config (architecture and sizes)."""
-    import hashlib
-    import json
-
-    cfg = model.config.to_dict()
-    for k in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash", "use_cache"):
-        cfg.pop(k, None)
-    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()

@@ -14,11 +14,13 @@ import json
 import math
 from pathlib import Path
 
+from moedistill.files import atomic_path, atomic_write_text
+
 COLUMNS = [
     ("parameters", "params", "{:,}"),
     ("perplexity", "perplexity", "{:.3f}"),
     ("agreement", "top-1 agreement", "{:.4f}"),
-    ("kl", "KL(teacher‖model)", "{:.4f}"),
+    ("kl_exact", "exact KL(teacher‖model)", "{:.4f}"),
     ("ece", "ECE", "{:.4f}"),
     ("gap_closed", "gap closed", "{:.1%}"),
 ]
@@ -70,7 +72,8 @@ def plot_losses(curves: dict[str, list[dict]], boundaries: dict[str, list[tuple[
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path
 
@@ -92,7 +95,8 @@ def plot_perplexity(rows: list[dict], path: Path) -> Path:
     ax.tick_params(axis="x", labelrotation=15, labelsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path
 
@@ -125,15 +129,15 @@ def write_report(
     plot_perplexity(rows, out / "perplexity.png")
     if curves:
         plot_losses(curves, boundaries or {}, out / "losses.png")
-        md += ["## Training curves", "", "ce_loss and kl_loss as logged by the trainer; dashed lines mark stage boundaries.",
+        md += ["## Training curves", "",
+               "ce_loss and kl_loss as logged by the trainer; dashed lines mark stage boundaries.",
                "", "![losses](losses.png)", ""]
     if notes:
         md += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     if settings:
         md += ["## Settings", "", "```json", json.dumps(settings, indent=2), "```", ""]
     path = out / "report.md"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(md))
-    tmp.replace(path)
-    (out / "report.json").write_text(json.dumps({"models": rows, "settings": settings or {}}, indent=2, default=float) + "\n")
+    atomic_write_text(path, "\n".join(md))
+    report = {"models": rows, "settings": settings or {}}
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2, default=float) + "\n")
     return path

@@ -41,15 +41,19 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from moedistill.config import Config, LossConfig, ParamGroupsConfig
+from moedistill.config import Config, LossConfig, ParamGroupsConfig, StageConfig
 from moedistill.dist import barrier
 from moedistill.errors import UserError
+from moedistill.files import atomic_write_json, atomic_write_text, replace_dir
+from moedistill.integrity import check_targets_vocab, is_complete, verify_checkpoint
+from moedistill.param_groups import assign
+from moedistill.targets import eval_kl_key
+from moedistill.trainer import CHECKPOINT_STAGE_FILE, DistillationTrainer
 
 logger = logging.getLogger(__name__)
 
 STAGES_FILE = "stages.json"
 LOG_FILE = "log.jsonl"
-CHECKPOINT_STAGE_FILE = "stage.json"
 FINAL_DIR = "final"
 LOSS_KEYS = ("alpha", "temperature", "tail", "chunk_size")
 
@@ -112,8 +116,6 @@ def plan_stages(cfg: Config, args, num_examples: int, loss_overrides: dict | Non
     per_epoch = steps_per_epoch(num_examples, args)
     specs = cfg.stages
     if not specs:
-        from moedistill.config import StageConfig
-
         if args.max_steps and args.max_steps > 0:
             specs = [StageConfig(name="train", max_steps=args.max_steps)]
         else:
@@ -154,15 +156,11 @@ def _read_json(path: Path):
 
 def write_plan(run_dir: Path, stages: list[Stage], done: set[int]) -> None:
     plan = {"stages": [{**s.to_dict(), "done": s.index in done} for s in stages]}
-    tmp = run_dir / (STAGES_FILE + ".tmp")
-    tmp.write_text(json.dumps(plan, indent=2))
-    tmp.replace(run_dir / STAGES_FILE)
+    atomic_write_json(run_dir / STAGES_FILE, plan, indent=2)
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """(global step, path) of every complete checkpoint that records its stage, oldest first."""
-    from moedistill.integrity import is_complete
-
     found = []
     for marker in Path(run_dir).glob(f"*/checkpoint-*/{CHECKPOINT_STAGE_FILE}"):
         info = _read_json(marker)
@@ -176,8 +174,6 @@ def find_checkpoint(run_dir: Path, resume: str, stages: list[Stage]) -> tuple[St
 
     The checkpoint is verified (``moedistill.integrity.verify_checkpoint``): an incomplete,
     truncated or corrupted one is a UserError naming the file."""
-    from moedistill.integrity import verify_checkpoint
-
     if resume in ("latest", "last", True):
         found = list_checkpoints(run_dir)
         if not found:
@@ -207,8 +203,9 @@ def _trim_log(run_dir: Path, upto_step: int) -> None:
     path = run_dir / LOG_FILE
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= upto_step]
-    path.write_text("".join(line + "\n" for line in keep))
+    lines = path.read_text().splitlines()
+    keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= upto_step]
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
 
 
 def _clear_previous(run_dir: Path, stages: list[Stage]) -> None:
@@ -227,7 +224,9 @@ def _clear_previous(run_dir: Path, stages: list[Stage]) -> None:
 
 
 class StageCallback(TrainerCallback):
-    """Writes log.jsonl with global steps, marks checkpoints with their stage, saves at the stage's end."""
+    """Writes log.jsonl with global steps and saves a checkpoint at the stage's end.
+
+    (The trainer itself writes each checkpoint's ``stage.json``, before ``checkpoint.json``.)"""
 
     def __init__(self, stage: Stage, run_dir: Path):
         self.stage, self.run_dir = stage, Path(run_dir)
@@ -235,21 +234,6 @@ class StageCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step >= state.max_steps:
             control.should_save = True  # a checkpoint at every stage boundary
-        return control
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            # DistillationTrainer writes it inside the checkpoint, before checkpoint.json
-            if ckpt.is_dir() and not (ckpt / CHECKPOINT_STAGE_FILE).is_file():
-                info = {
-                    "index": self.stage.index,
-                    "name": self.stage.name,
-                    "stage_step": state.global_step,
-                    "global_step": self.stage.start_step + state.global_step,
-                    "stage_done": state.global_step >= self.stage.max_steps,
-                }
-                (ckpt / CHECKPOINT_STAGE_FILE).write_text(json.dumps(info, indent=2))
         return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -273,9 +257,6 @@ def check_stages(model, stages: list[Stage], *, train_dataset=None, eval_dataset
     """The checks a stage's trainer would make, made up front: every rule of every stage
     takes a parameter and some parameter trains; the teacher's ids (cache or online
     teacher) all have a student logit. Raises UserError; changes nothing."""
-    from moedistill.integrity import check_targets_vocab
-    from moedistill.param_groups import assign
-
     for st in stages:
         plan = assign(model, st.param_groups, where=st.param_groups_key)
         if plan.trainable == 0:
@@ -315,72 +296,40 @@ def run_stages(
         "initial_eval" (fresh runs with an eval set), "final_eval" (with an eval set),
         "stopped_at" (global step, only if a callback stopped a stage early)}``.
     """
-    from moedistill.trainer import DistillationTrainer
-
     run_dir = Path(run_dir)
     first, ckpt = 0, None
     if resume:
         stage, ckpt, stage_step = find_checkpoint(run_dir, resume, stages)
         first = stage.index
     check_stages(model, stages[first:], train_dataset=train_dataset, eval_dataset=eval_dataset, teacher=teacher)
-    main = args.process_index == 0  # under torchrun every rank runs this; only rank 0 touches the run dir
     if resume:
         logger.info("resuming stage %s at its step %d (global step %d) from %s", stage.name, stage_step,
                     stage.start_step + stage_step, ckpt)
     done = set(range(first))
+    main = args.process_index == 0  # under torchrun every rank runs this; only rank 0 touches the run dir
     if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if resume:
-            _trim_log(run_dir, stage.start_step + stage_step)
-        else:
-            _clear_previous(run_dir, stages)
-        write_plan(run_dir, stages, done)
+        _prepare_run_dir(run_dir, stages, done, resume_step=stage.start_step + stage_step if resume else None)
     barrier()  # no rank starts writing the stage dirs before rank 0 has cleared them
-    result = {"run_dir": str(run_dir), "final_model": None, "stages": [s.to_dict() for s in stages], "train_metrics": {}}
+    result = {
+        "run_dir": str(run_dir), "final_model": None, "stages": [s.to_dict() for s in stages], "train_metrics": {}
+    }
     trainer = None
     for st in stages[first:]:
-        # a fresh run evaluates at step 0, the curves' starting point (inside train(), after
-        # on_train_begin, so loggers such as TensorBoard are set up for the stage's dir)
-        first_eval = eval_dataset is not None and resume is None and st.index == 0
-        stage_args = dataclasses.replace(
-            args,
-            output_dir=str(run_dir / st.dirname),
-            max_steps=st.max_steps,
-            learning_rate=st.learning_rate,
-            data_seed=(args.data_seed if args.data_seed is not None else args.seed) + st.index,
-            eval_on_start=first_eval or (args.eval_on_start and st.index == first),
-        )
         del trainer  # free the previous stage's optimizer state before building the next
-        trainer = DistillationTrainer(
-            model,
-            stage_args,
-            teacher=teacher,
-            loss=st.loss,
-            param_groups=st.param_groups,
-            param_groups_key=st.param_groups_key,
-            stage_index=st.index,
-            stage_name=st.name,
-            step_offset=st.start_step,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            callbacks=[StageCallback(st, run_dir), *callbacks],
-            processing_class=processing_class,
+        trainer = _stage_trainer(
+            model, st, args, run_dir, teacher=teacher, train_dataset=train_dataset, eval_dataset=eval_dataset,
+            callbacks=callbacks, processing_class=processing_class,
+            eval_on_start=(eval_dataset is not None and resume is None and st.index == 0)
+            or (args.eval_on_start and st.index == first),
         )
         logger.info(
             "stage %d/%d %r: global steps %d-%d, lr %.3g, alpha %g, temperature %g, tail %s",
             st.index + 1, len(stages), st.name, st.start_step + 1, st.end_step, st.learning_rate,
             st.loss.alpha, st.loss.temperature, st.loss.tail,
         )
-        resume_here = str(ckpt) if (ckpt is not None and st.index == first) else None
-        out = trainer.train(resume_from_checkpoint=resume_here)
-        if first_eval:
-            m = result["initial_eval"] = next(
-                {k: v for k, v in e.items() if k.startswith("eval_")} for e in trainer.state.log_history if "eval_kl" in e
-            )
-            logger.info(
-                "validation before training: KL to the teacher %.4f, CE %.4f, perplexity %.2f",
-                m["eval_kl"], m["eval_ce"], m["eval_perplexity"],
-            )
+        out = trainer.train(resume_from_checkpoint=str(ckpt) if (ckpt is not None and st.index == first) else None)
+        if eval_dataset is not None and resume is None and st.index == 0:
+            result["initial_eval"] = _first_eval(trainer.state.log_history)
         result["train_metrics"] = dict(out.metrics)
         if trainer.state.global_step < st.max_steps:
             result["stopped_at"] = st.start_step + trainer.state.global_step
@@ -390,17 +339,67 @@ def run_stages(
         done.add(st.index)
         if main:
             write_plan(run_dir, stages, done)
-    final = run_dir / FINAL_DIR
-    tmp = run_dir / (FINAL_DIR + ".tmp")
-    if trainer.args.should_save:
-        shutil.rmtree(tmp, ignore_errors=True)
-    trainer.save_model(str(tmp))  # whole or absent: a crash mid-save leaves final.tmp, never a partial final/
-    trainer.accelerator.wait_for_everyone()
-    if trainer.args.should_save:
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.replace(final)
-    trainer.accelerator.wait_for_everyone()
-    result["final_model"] = str(final)
+    result["final_model"] = str(_save_final(trainer, run_dir))
     if eval_dataset is not None:
         result["final_eval"] = trainer.evaluate()
     return result
+
+
+def _prepare_run_dir(run_dir: Path, stages: list[Stage], done: set[int], resume_step: int | None) -> None:
+    """Rank 0, after every check passed: a resumed run drops the log past its checkpoint, a
+    fresh one clears the previous run; then the plan is written."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume_step is not None:
+        _trim_log(run_dir, resume_step)
+    else:
+        _clear_previous(run_dir, stages)
+    write_plan(run_dir, stages, done)
+
+
+def _stage_trainer(model, st: Stage, args, run_dir: Path, *, eval_on_start: bool, callbacks, **kwargs):
+    """The trainer of stage ``st``: its own output dir, length, learning rate and shuffling seed.
+
+    ``eval_on_start``: a fresh run evaluates at step 0, the curves' starting point (inside
+    train(), after on_train_begin, so loggers such as TensorBoard are set up for the stage's dir)."""
+    stage_args = dataclasses.replace(
+        args,
+        output_dir=str(run_dir / st.dirname),
+        max_steps=st.max_steps,
+        learning_rate=st.learning_rate,
+        data_seed=(args.data_seed if args.data_seed is not None else args.seed) + st.index,
+        eval_on_start=eval_on_start,
+    )
+    return DistillationTrainer(
+        model,
+        stage_args,
+        loss=st.loss,
+        param_groups=st.param_groups,
+        param_groups_key=st.param_groups_key,
+        stage_index=st.index,
+        stage_name=st.name,
+        step_offset=st.start_step,
+        callbacks=[StageCallback(st, run_dir), *callbacks],
+        **kwargs,
+    )
+
+
+def _first_eval(log_history: list[dict]) -> dict:
+    """The step-0 evaluation of a fresh run (``eval_*`` metrics), logged."""
+    m = next({k: v for k, v in e.items() if k.startswith("eval_")} for e in log_history if eval_kl_key(e))
+    logger.info("validation before training: KL to the teacher %.4f, CE %.4f, perplexity %.2f",
+                m[eval_kl_key(m)], m["eval_ce"], m["eval_perplexity"])
+    return m
+
+
+def _save_final(trainer, run_dir: Path) -> Path:
+    """``final/``, whole or absent: every process saves into ``final.tmp`` (sharded engines need
+    all of them), then rank 0 renames it into place. A crash mid-save leaves final.tmp."""
+    final, tmp = run_dir / FINAL_DIR, run_dir / (FINAL_DIR + ".tmp")
+    if trainer.args.should_save:
+        shutil.rmtree(tmp, ignore_errors=True)
+    trainer.save_model(str(tmp))
+    trainer.accelerator.wait_for_everyone()
+    if trainer.args.should_save:
+        replace_dir(tmp, final)
+    trainer.accelerator.wait_for_everyone()
+    return final

@@ -35,7 +35,6 @@ reach the loss.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -43,18 +42,23 @@ import time
 
 import torch
 import torch.nn.functional as F
-from transformers import Trainer
+from transformers import PreTrainedModel, Trainer
+from transformers.trainer_optimizer import is_optimizer_factory
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from moedistill.config import LossConfig, ParamGroupsConfig
 from moedistill import integrity
+from moedistill.config import LossConfig, ParamGroupsConfig
 from moedistill.errors import UserError
-from moedistill.losses import IGNORE_INDEX
+from moedistill.files import atomic_write_json
+from moedistill.losses import IGNORE_INDEX, teacher_loss
 from moedistill.param_groups import assign, format_table, freeze, optimizer_groups
+from moedistill.targets import KL_NAMES, PAD_VALUES, DenseTargets, SampledTargets, from_batch
 
 logger = logging.getLogger(__name__)
 
-TARGET_KEYS = ("target_ids", "target_logprobs", "target_counts")
-_PAD_VALUE = {"target_ids": -1, "target_logprobs": float("-inf"), "target_counts": 0.0}
+# Inside every checkpoint a trainer of one stage writes: which stage, which step (read by
+# moedistill.stages to resume in the right stage). Checksummed with the rest by checkpoint.json.
+CHECKPOINT_STAGE_FILE = "stage.json"
 
 
 class NonFiniteLossError(UserError):
@@ -102,18 +106,18 @@ def collate(features: list[dict]) -> dict[str, torch.Tensor]:
     """Stack a list of items into a batch.
 
     Every tensor-like field is stacked along a new batch dim: ``input_ids`` / ``labels``
-    [L] -> [B, L]; ``target_*`` [L, K] -> [B, L, K]. Items with different K (sampled
-    targets) are padded on the K axis to the widest item with the padding markers of the
-    cache contract (ids -1, log-probs -inf, counts 0). Non-tensor fields are dropped.
+    [L] -> [B, L]; ``target_*`` [L, W] -> [B, L, W]. Items of different widths W (sampled
+    targets) are padded on the W axis to the widest item with the padding markers of
+    ``moedistill.targets``. Non-tensor fields are dropped.
     """
     batch = {}
     for key, first in features[0].items():
         if isinstance(first, (str, bytes)) or first is None:
             continue
         tensors = [torch.as_tensor(f[key]) for f in features]
-        if key in _PAD_VALUE and len({t.shape[-1] for t in tensors}) > 1:
-            k = max(t.shape[-1] for t in tensors)
-            tensors = [F.pad(t, (0, k - t.shape[-1]), value=_PAD_VALUE[key]) for t in tensors]
+        if key in PAD_VALUES and len({t.shape[-1] for t in tensors}) > 1:
+            width = max(t.shape[-1] for t in tensors)
+            tensors = [F.pad(t, (0, width - t.shape[-1]), value=PAD_VALUES[key]) for t in tensors]
         batch[key] = torch.stack(tensors)
     return batch
 
@@ -187,10 +191,12 @@ class DistillationTrainer(Trainer):
     # ------------------------------------------------------------------ loss
 
     def _forward(self, model, inputs):
-        """Student (and, online, teacher) forward -> (student logits, router aux loss or None, teacher logits or None)."""
+        """Student (and, online, teacher) forward -> (student logits, router aux loss or None, targets).
+
+        The targets are the online teacher's logits (``DenseTargets``), else the batch's
+        cached targets (``TopKTargets`` / ``SampledTargets``)."""
         input_ids = inputs["input_ids"]
         attention_mask = inputs.get("attention_mask")
-        teacher_logits = None
         if self.teacher is not None:  # first: its activations are gone before the student's are kept
             dev = self.teacher.device
             with torch.no_grad():
@@ -199,40 +205,22 @@ class DistillationTrainer(Trainer):
                     attention_mask=None if attention_mask is None else attention_mask.to(dev),
                     use_cache=False,
                 ).logits.to(input_ids.device)
+            targets = DenseTargets(teacher_logits)
+        else:
+            targets = from_batch(inputs)
+            if targets is None:
+                raise UserError(
+                    "the batch has no teacher targets (target_ids); train on a cache from "
+                    "moedistill.cache.open_cache or pass teacher= for online distillation"
+                )
         outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return outputs.logits, getattr(outputs, "aux_loss", None), teacher_logits
+        return outputs.logits, getattr(outputs, "aux_loss", None), targets
 
-    def _distill(self, logits, inputs, teacher_logits, *, alpha, temperature, tail, num_items_in_batch):
+    def _distill(self, logits, inputs, targets, *, alpha, temperature, tail, num_items_in_batch):
         """The blended loss of one micro-batch -> (total, ce, kl) from ``moedistill.losses``."""
-        from moedistill.losses import dense_distillation_loss, distillation_loss
-
-        cfg = self.loss_config
-        if teacher_logits is not None:
-            return dense_distillation_loss(
-                logits,
-                teacher_logits,
-                inputs["labels"],
-                alpha=alpha,
-                temperature=temperature,
-                num_items_in_batch=num_items_in_batch,
-                chunk_size=cfg.chunk_size,
-            )
-        if "target_ids" not in inputs:
-            raise UserError(
-                "the batch has no teacher targets (target_ids); train on a cache from moedistill.cache.open_cache "
-                "or pass teacher= for online distillation"
-            )
-        return distillation_loss(
-            logits,
-            inputs["labels"],
-            inputs["target_ids"],
-            inputs["target_logprobs"],
-            alpha=alpha,
-            temperature=temperature,
-            tail=tail,
-            target_counts=inputs.get("target_counts"),
-            num_items_in_batch=num_items_in_batch,
-            chunk_size=cfg.chunk_size,
+        return teacher_loss(
+            logits, inputs["labels"], targets, alpha=alpha, temperature=temperature, tail=tail,
+            num_items_in_batch=num_items_in_batch, chunk_size=self.loss_config.chunk_size,
         )
 
     def _where(self, inputs) -> str:
@@ -253,11 +241,11 @@ class DistillationTrainer(Trainer):
                 f"the teacher targets hold NaN/+inf log-probabilities at {self._where(inputs)}; "
                 f"check the dataset (a moedistill cache: `moedistill inspect --verify`)"
             )
-        logits, aux, teacher_logits = self._forward(model, inputs)
+        logits, aux, targets = self._forward(model, inputs)
         parts = self._distill(
             logits,
             inputs,
-            teacher_logits,
+            targets,
             alpha=cfg.alpha,
             temperature=cfg.temperature,
             tail=cfg.tail,
@@ -308,27 +296,27 @@ class DistillationTrainer(Trainer):
         if resume_from_checkpoint is True:  # the latest COMPLETE checkpoint, not merely the newest directory
             found = integrity.latest_checkpoint(self.args.output_dir)
             if found is None:
-                raise UserError(f"no complete checkpoint to resume from in {self.args.output_dir}; start without resuming")
+                raise UserError(
+                    f"no complete checkpoint to resume from in {self.args.output_dir}; start without resuming"
+                )
             resume_from_checkpoint = str(found)
         if resume_from_checkpoint:
             integrity.verify_checkpoint(resume_from_checkpoint)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
-    def _checkpoint_info(self) -> dict:
-        info = {"global_step": self.step_offset + self.state.global_step}
-        if self.stage_index is not None:
-            info["stage"] = {
-                "index": self.stage_index,
-                "name": self.stage_name,
-                "stage_step": self.state.global_step,
-                "global_step": self.step_offset + self.state.global_step,
-                "stage_done": self.state.global_step >= self.state.max_steps,
-            }
-        return info
+    def _stage_record(self) -> dict | None:
+        """What ``stage.json`` says: this trainer's stage and how far it got (None outside a schedule)."""
+        if self.stage_index is None:
+            return None
+        return {
+            "index": self.stage_index,
+            "name": self.stage_name,
+            "stage_step": self.state.global_step,
+            "global_step": self.step_offset + self.state.global_step,
+            "stage_done": self.state.global_step >= self.state.max_steps,
+        }
 
     def _save_checkpoint(self, model, trial):
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
-
         run_dir = self._get_output_dir(trial=trial)
         ckpt = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         if self.args.should_save:
@@ -341,15 +329,10 @@ class DistillationTrainer(Trainer):
             self.args.save_total_limit = limit
         self.accelerator.wait_for_everyone()  # every process's files (RNG states, shards) are written
         if self.args.should_save:
-            info = self._checkpoint_info()
-            if "stage" in info:  # the stage marker is part of the checkpoint, checksummed with it
-                from moedistill.stages import CHECKPOINT_STAGE_FILE
-
-                tmp = os.path.join(ckpt, CHECKPOINT_STAGE_FILE + ".tmp")
-                with open(tmp, "w") as f:
-                    json.dump(info["stage"], f, indent=2)
-                os.replace(tmp, os.path.join(ckpt, CHECKPOINT_STAGE_FILE))
-            integrity.mark_checkpoint(ckpt, info)
+            record = self._stage_record()
+            if record is not None:  # part of the checkpoint: written before checkpoint.json checksums it
+                atomic_write_json(os.path.join(ckpt, CHECKPOINT_STAGE_FILE), record, indent=2)
+            integrity.mark_checkpoint(ckpt, {"global_step": self.step_offset + self.state.global_step})
             rotate_checkpoints(
                 output_dir=run_dir, save_total_limit=limit, best_model_checkpoint=self.state.best_model_checkpoint,
                 use_mtime=True,
@@ -375,11 +358,10 @@ class DistillationTrainer(Trainer):
     def _copy_weights_from(self, checkpoint: str, model=None) -> bool:
         """Load the student's weights from ``checkpoint`` via ``from_pretrained``; False where
         that path does not apply (DeepSpeed, FSDP, PEFT, no config.json) and the Trainer's own must."""
-        from transformers import PreTrainedModel
-
         unwrapped = self.accelerator.unwrap_model(self.model if model is None else model)
         plain = not (self.is_deepspeed_enabled or self.is_fsdp_enabled) and type(unwrapped).__name__ != "PeftModel"
-        if not (plain and isinstance(unwrapped, PreTrainedModel) and os.path.isfile(os.path.join(checkpoint, "config.json"))):
+        if not (plain and isinstance(unwrapped, PreTrainedModel)
+                and os.path.isfile(os.path.join(checkpoint, "config.json"))):
             return False
         logger.info("loading the student's weights from %s", checkpoint)
         dtype = next(unwrapped.parameters()).dtype
@@ -393,8 +375,6 @@ class DistillationTrainer(Trainer):
     def create_optimizer(self, model=None):
         if self.optimizer is not None:
             return self.optimizer
-        from transformers.trainer_optimizer import is_optimizer_factory
-
         opt_model = self.model if model is None else model
         groups = optimizer_groups(
             opt_model, self.param_plan, learning_rate=self.args.learning_rate, weight_decay=self.args.weight_decay
@@ -416,7 +396,8 @@ class DistillationTrainer(Trainer):
     def _accumulate(self, parts, aux_term):
         zero = parts.total.new_zeros(())
         vals = torch.stack(
-            [parts.ce.detach().float(), parts.kl.detach().float(), (zero if aux_term is None else aux_term.detach()).float()]
+            [parts.ce.detach().float(), parts.kl.detach().float(),
+             (zero if aux_term is None else aux_term.detach()).float()]
         )
         self._has_aux = self._has_aux or aux_term is not None
         if self._parts is None:
@@ -472,10 +453,11 @@ class DistillationTrainer(Trainer):
 
         Returns ``{prefix}_loss`` (the training objective at this trainer's alpha and
         temperature), ``{prefix}_ce`` (cross-entropy with the labels, nats/token),
-        ``{prefix}_kl`` (KL(teacher || student) at temperature 1: exact online; offline
-        from the stored ids with the rest of the mass as one bucket -- ``tail`` mode, a
-        lower bound on the full KL, exact when the ids hold all the mass -- or the
-        sampled estimate for a sample-mode cache), ``{prefix}_perplexity`` = exp(ce),
+        the KL(teacher || student) at temperature 1 under the name of what it is
+        (``moedistill.targets.KL_NAMES``): ``{prefix}_kl_exact`` with an online teacher,
+        ``{prefix}_kl_lower_bound`` from a top-k cache (the stored ids with the rest of the
+        mass as one bucket -- ``tail`` mode, exact when the ids hold all the mass), or
+        ``{prefix}_kl_sampled`` from a sample-mode cache; ``{prefix}_perplexity`` = exp(ce),
         ``{prefix}_tokens`` and ``{prefix}_runtime``. A sample-mode objective evaluated
         on a top-k cache falls back to ``tail`` for ``{prefix}_loss``.
         """
@@ -494,20 +476,25 @@ class DistillationTrainer(Trainer):
         model.eval()
         start = time.time()
         sums = torch.zeros(4, dtype=torch.float64, device=self.args.device)  # loss, ce, kl at T=1, targets
+        kind = (
+            "dense" if self.teacher is not None
+            else ("sample" if getattr(dataset, "mode", None) == "sample" else "topk")
+        )
         with torch.no_grad(), self.accelerator.autocast():
             for inputs in loader:
                 inputs = self._prepare_inputs(inputs)
                 n = inputs["labels"].ne(-100).sum()
-                logits, _, teacher_logits = self._forward(model, inputs)
+                logits, _, targets = self._forward(model, inputs)
+                kind = targets.kind
                 # the eval cache may be top-k while training used sampled targets: use what it holds
-                sampled = "target_counts" in inputs
+                sampled = isinstance(targets, SampledTargets)
                 tail = cfg.tail if (cfg.tail == "sample") == sampled else ("sample" if sampled else "tail")
                 kl_tail = "sample" if sampled else "tail"
-                parts = self._distill(logits, inputs, teacher_logits, alpha=cfg.alpha, temperature=cfg.temperature,
+                parts = self._distill(logits, inputs, targets, alpha=cfg.alpha, temperature=cfg.temperature,
                                       tail=tail, num_items_in_batch=None)
                 kl1 = parts.kl
                 if cfg.temperature != 1.0 or tail != kl_tail:
-                    kl1 = self._distill(logits, inputs, teacher_logits, alpha=1.0, temperature=1.0, tail=kl_tail,
+                    kl1 = self._distill(logits, inputs, targets, alpha=1.0, temperature=1.0, tail=kl_tail,
                                         num_items_in_batch=None).kl
                 sums += torch.stack([parts.total * n, parts.ce * n, kl1 * n, n.to(parts.total.dtype)]).double()
         model.train(was_training)
@@ -518,7 +505,7 @@ class DistillationTrainer(Trainer):
         metrics = {
             f"{metric_key_prefix}_loss": loss / n_safe,
             f"{metric_key_prefix}_ce": ce / n_safe,
-            f"{metric_key_prefix}_kl": kl / n_safe,
+            f"{metric_key_prefix}_{KL_NAMES[kind]}": kl / n_safe,
             f"{metric_key_prefix}_perplexity": math.exp(min(ce / n_safe, 700.0)),
             f"{metric_key_prefix}_tokens": int(n),
             f"{metric_key_prefix}_runtime": round(time.time() - start, 4),

@@ -3,7 +3,7 @@
 The one place that knows the cache's encoding; docs/CACHE_FORMAT.md describes the same
 thing for readers that do not use this package.
 
-Per position the cache stores W entries sorted by teacher log-probability, descending
+Per position the cache stores W (``width``) entries sorted by teacher log-probability, descending
 (top-k mode: the k most probable ids; sample mode: the distinct ids of N draws, padded
 at the end). Three integer arrays of shape ``[..., W]``:
 
@@ -23,16 +23,25 @@ at the end). Three integer arrays of shape ``[..., W]``:
   distillation KL is about ``q_j * eps_j * log(q_j / p_j)`` -- proportional to the
   entry's probability -- so bits are best spent on the head.
 - ``counts`` (sample mode only): draws per id, ``uint8`` when N < 256 else ``uint16``;
-  0 marks padding (id 0, delta 0 on disk; -1 / -inf after decoding).
+  0 marks padding (id 0, delta 0 on disk; ``moedistill.targets.PAD_ID`` / ``PAD_LOGPROB``
+  after decoding).
 
-All functions here are pure numpy; the writer and the reader call them.
+All functions here but :func:`to_dense` (torch) are pure numpy; the writer and the reader
+call them.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
+
+try:  # registers the zstd and bitshuffle filters with HDF5 (needed to read as well as to write)
+    import hdf5plugin
+except ImportError:  # only gzip caches can then be written and read
+    hdf5plugin = None
 
 from moedistill.errors import UserError
+from moedistill.targets import PAD_COUNT, PAD_ID, PAD_LOGPROB
 
 FORMAT_VERSION = 1
 ID_DTYPE = np.uint32
@@ -110,8 +119,8 @@ def encode_targets(ids, logprobs, steps, counts=None, num_samples: int | None = 
     (sample mode; 0 = padding) or None (top-k mode, no padding). ``num_samples`` fixes the
     count dtype so that every part of a cache has the same layout.
     """
-    valid = None if counts is None else counts > 0
-    out = {
+    valid = None if counts is None else counts != PAD_COUNT
+    out = {  # padding is stored as id 0, delta 0 (and count PAD_COUNT)
         "target_ids": (ids if valid is None else np.where(valid, ids, 0)).astype(ID_DTYPE),
         "target_deltas": encode_logprobs(logprobs, steps, valid),
     }
@@ -121,14 +130,15 @@ def encode_targets(ids, logprobs, steps, counts=None, num_samples: int | None = 
 
 
 def decode_targets(ids: np.ndarray, deltas: np.ndarray, steps: np.ndarray, counts: np.ndarray | None = None):
-    """On-disk arrays -> ``(ids int64, logprobs float32, counts float32 | None)``, padding = -1 / -inf / 0."""
+    """On-disk arrays -> ``(ids int64, logprobs float32, counts float32 | None)``, padding =
+    ``PAD_ID`` / ``PAD_LOGPROB`` / ``PAD_COUNT``."""
     lp = decode_logprobs(deltas, steps)
     ids64 = ids.astype(np.int64)
     if counts is None:
         return ids64, lp, None
-    valid = counts > 0
-    ids64[~valid] = -1
-    lp[~valid] = -np.inf
+    valid = counts != PAD_COUNT
+    ids64[~valid] = PAD_ID
+    lp[~valid] = PAD_LOGPROB
     return ids64, lp, counts.astype(np.float32)
 
 
@@ -143,8 +153,8 @@ def compression_kwargs(name: str, codec: str = DEFAULT_CODEC, level: int = DEFAU
     """
     small_ints = name in ("target_deltas", "target_counts")
     if codec == "zstd":
-        import hdf5plugin
-
+        if hdf5plugin is None:
+            raise UserError("the zstd cache codec needs the hdf5plugin package (pip install hdf5plugin); or use gzip")
         if small_ints:
             return dict(fletcher32=True, **hdf5plugin.Bitshuffle(cname="zstd", clevel=level))
         return dict(shuffle=True, fletcher32=True, **hdf5plugin.Zstd(clevel=level))
@@ -161,17 +171,15 @@ def to_dense(target_ids, target_logprobs, vocab_size: int, fill: float | str = f
     gathers the stored ids); use this for inspection or for code that wants dense logits.
 
     Args:
-        target_ids: int ``[..., K]`` (torch or numpy), padding = -1.
-        target_logprobs: float ``[..., K]``, padding = -inf.
+        target_ids: int ``[..., width]`` (torch or numpy), padding = ``PAD_ID`` (any negative id).
+        target_logprobs: float ``[..., width]``, padding = ``PAD_LOGPROB``.
         vocab_size: V.
         fill: value for ids that are not stored: a number (default ``-inf``, so a softmax
             over the result renormalises over the stored ids), or ``"tail"`` to spread the
-            missing mass ``1 - sum(exp(logprobs))`` evenly over the V - K other ids.
+            missing mass ``1 - sum(exp(logprobs))`` evenly over the ids that are not stored.
     Returns:
         torch.float32 ``[..., vocab_size]`` log-probs (logits up to a constant).
     """
-    import torch
-
     ids = torch.as_tensor(target_ids).long()
     lp = torch.as_tensor(target_logprobs).float()
     valid = ids >= 0

@@ -1,23 +1,21 @@
 """Compressed MoE students: a shared core plus low-rank wrappers per expert.
 
-- ``compress_model(teacher, rank=|compression_ratio=, core=, svd=, calibration=)``: the
-  zero-shot student, in memory (``init.py``).
-- ``compress_from_config(cfg)``: ``moedistill compress``; writes
-  ``<output_dir>/compressed/checkpoint-0`` and the report (``checkpoint.py``, ``report.py``).
-- ``export_checkpoint(ckpt, out, dtype=None)``: ``moedistill export``; a plain
-  Qwen3-MoE / Mixtral checkpoint with ``W_i = C + B_i A_i`` (``export.py``).
+- ``modeling_moedistill``: the model classes (``CompressedExperts`` and the Qwen3-MoE /
+  Mixtral subclasses); importing it registers them with ``AutoConfig`` and
+  ``AutoModelForCausalLM``, so a checkpoint-0 loads with ``AutoModelForCausalLM.from_pretrained``.
+  Checkpoints also carry that file and an ``auto_map``, so ``trust_remote_code=True``
+  loads them where moedistill is not installed.
+- ``init``: ``compress_model(teacher, rank=|compression_ratio=, core=, svd=, calibration=)``,
+  the zero-shot student in memory, and the calibration statistics it uses.
+- ``export``: ``export_checkpoint(ckpt, out, dtype=None)`` (``moedistill export``), a plain
+  Qwen3-MoE / Mixtral checkpoint with ``W_i = C + B_i A_i``; ``to_plain_model`` in memory.
+- ``report``: the compression report (``moedistill compress`` writes it; the glue is
+  ``moedistill.commands.compress``).
 
-Importing this package registers the compressed model types (``moedistill_qwen3_moe``,
-``moedistill_mixtral``) with ``AutoConfig`` and ``AutoModelForCausalLM``, so a
-checkpoint-0 loads with ``AutoModelForCausalLM.from_pretrained``. Checkpoints also carry
-``modeling_moedistill.py`` and an ``auto_map``, so ``trust_remote_code=True`` loads them
-where moedistill is not installed.
+This package's ``__init__`` imports only the leaf modules (model classes, the math), so
+``moedistill.models`` can import it to register the model types without a cycle.
 """
 
-from transformers import AutoConfig, AutoModelForCausalLM
-
-from moedistill.compression.checkpoint import compress_from_config
-from moedistill.compression.export import export_checkpoint, to_dense
 from moedistill.compression.init import (
     CalibrationStats,
     collect_calibration_stats,
@@ -33,14 +31,8 @@ from moedistill.compression.modeling_moedistill import (
     MoedistillQwen3MoeForCausalLM,
 )
 
-for _config_cls, _model_cls, _, _ in ARCHITECTURES.values():
-    AutoConfig.register(_config_cls.model_type, _config_cls, exist_ok=True)
-    AutoModelForCausalLM.register(_config_cls, _model_cls, exist_ok=True)
-    # save_pretrained copies modeling_moedistill.py beside the weights and writes auto_map.
-    _config_cls.register_for_auto_class("AutoConfig")
-    _model_cls.register_for_auto_class("AutoModelForCausalLM")
-
 __all__ = [
+    "ARCHITECTURES",
     "CalibrationStats",
     "CompressedExperts",
     "MoedistillMixtralConfig",
@@ -48,9 +40,6 @@ __all__ = [
     "MoedistillQwen3MoeConfig",
     "MoedistillQwen3MoeForCausalLM",
     "collect_calibration_stats",
-    "compress_from_config",
     "compress_model",
-    "export_checkpoint",
     "rank_for_ratio",
-    "to_dense",
 ]

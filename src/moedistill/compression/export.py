@@ -10,6 +10,7 @@ the compression for compatibility.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -18,6 +19,8 @@ from torch import nn
 from moedistill.compression.init import copy_non_experts, finish_transplant
 from moedistill.compression.modeling_moedistill import ARCHITECTURES, CompressedExperts, find_moe_blocks
 from moedistill.errors import UserError
+from moedistill.files import replace_dir
+from moedistill.models import get_model, load_tokenizer, parse_dtype
 
 
 def plain_config(student: nn.Module):
@@ -43,7 +46,7 @@ def _plain_classes(student: nn.Module):
 
 
 @torch.no_grad()
-def to_dense(student: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+def to_plain_model(student: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """A plain ``Qwen3MoeForCausalLM`` / ``MixtralForCausalLM`` equal to ``student`` (``W_i = C + B_i A_i``)."""
     config = plain_config(student)
     _, model_cls = _plain_classes(student)
@@ -53,7 +56,10 @@ def to_dense(student: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     for (_, block), (_, s_block) in zip(find_moe_blocks(dense), find_moe_blocks(student)):
         ex: CompressedExperts = s_block.experts
         # Multiply out in float32 so bf16 checkpoints do not lose the low-rank part to rounding.
-        W = {p: (ex.core(p).float() + ex.wrapper(p)[0].float() @ ex.wrapper(p)[1].float()) for p in ("gate", "up", "down")}
+        W = {
+            p: (ex.core(p).float() + ex.wrapper(p)[0].float() @ ex.wrapper(p)[1].float())
+            for p in ("gate", "up", "down")
+        }
         block.experts.gate_up_proj = nn.Parameter(torch.cat([W["gate"], W["up"]], dim=1).to(ex.shared_core_down.dtype))
         block.experts.down_proj = nn.Parameter(W["down"].to(ex.shared_core_down.dtype))
     finish_transplant(dense)
@@ -74,22 +80,26 @@ def export_checkpoint(ckpt, out, dtype=None) -> Path:
     Returns:
         ``Path(out)``.
     """
-    from moedistill.models import get_model, load_tokenizer, parse_dtype
-
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"export target {out} exists and is not empty; choose a new directory or remove it")
     if not Path(ckpt).is_dir():
-        raise UserError(f"checkpoint {ckpt} is not a directory; pass the checkpoint directory (e.g. .../compressed/checkpoint-0)")
+        raise UserError(
+            f"checkpoint {ckpt} is not a directory; pass the checkpoint directory (e.g. .../compressed/checkpoint-0)"
+        )
     student, _ = get_model(str(ckpt), with_tokenizer=False)
     _plain_classes(student)  # a clear error before any work if this is not ours
-    dense = to_dense(student, dtype=parse_dtype(dtype))
-    dense.save_pretrained(out)
+    dense = to_plain_model(student, dtype=parse_dtype(dtype))
+    tmp = out.with_name(out.name + ".tmp")  # whole or absent: a crash mid-export leaves only <out>.tmp
+    shutil.rmtree(tmp, ignore_errors=True)
+    dense.save_pretrained(tmp)
     if any((Path(ckpt) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        load_tokenizer(str(ckpt)).save_pretrained(out)
+        load_tokenizer(str(ckpt)).save_pretrained(tmp)
     else:
         print(f"[export] no tokenizer in {ckpt}; copy one into {out} before serving")
+    replace_dir(tmp, out)
     n_student = sum(p.numel() for p in student.parameters())
     n_dense = sum(p.numel() for p in dense.parameters())
-    print(f"[export] {ckpt} -> {out}: {type(dense).__name__}, {n_student:,} -> {n_dense:,} parameters, dtype {dense.dtype}")
+    print(f"[export] {ckpt} -> {out}: {type(dense).__name__}, {n_student:,} -> {n_dense:,} parameters, "
+          f"dtype {dense.dtype}")
     return out

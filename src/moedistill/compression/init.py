@@ -168,7 +168,10 @@ def collect_calibration_stats(
     """
     blocks = [b for _, b in find_moe_blocks(model)]
     if not blocks:
-        raise UserError(f"{type(model).__name__} has no MoE layers with stacked experts; compress needs a Qwen3-MoE or Mixtral model")
+        raise UserError(
+            f"{type(model).__name__} has no MoE layers with stacked experts; "
+            "compress needs a Qwen3-MoE or Mixtral model"
+        )
     x_all = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
     E = blocks[0].experts.num_experts
     H, I = blocks[0].experts.hidden_dim, blocks[0].experts.intermediate_dim
@@ -363,9 +366,13 @@ def _check_method(core: str, svd: str, stats: CalibrationStats | None):
     if svd not in SVDS:
         raise UserError(f"svd={svd!r} must be one of {', '.join(SVDS)}")
     if core == "frequency" and (stats is None or sum(float(c.sum()) for c in stats.counts) == 0):
-        raise UserError("core='frequency' needs calibration data (routing counts); pass calibration= or use core='mean'")
+        raise UserError(
+            "core='frequency' needs calibration data (routing counts); pass calibration= or use core='mean'"
+        )
     if svd == "activation" and (stats is None or not stats.has_gram):
-        raise UserError("svd='activation' needs calibration data with Gram matrices; pass calibration= or use svd='plain'")
+        raise UserError(
+            "svd='activation' needs calibration data with Gram matrices; pass calibration= or use svd='plain'"
+        )
 
 
 # --------------------------------------------------------------------------- the student
@@ -378,7 +385,8 @@ def _architecture(teacher: nn.Module):
     if any(model_type == classes[0].model_type for classes in ARCHITECTURES.values()):
         raise UserError(f"this model is already compressed ({model_type}); compress the original teacher instead")
     raise UserError(
-        f"cannot compress a {model_type!r} model; supported: {', '.join(ARCHITECTURES)} (transformers 5 stacked experts)"
+        f"cannot compress a {model_type!r} model; supported: {', '.join(ARCHITECTURES)} "
+        "(transformers 5 stacked experts)"
     )
 
 
@@ -409,7 +417,9 @@ def build_student(teacher: nn.Module, factors: list[LayerFactors], rank: int, co
     # The compressed experts, on the device of the teacher layer they replace.
     for (_, block), (_, t_block), f in zip(find_moe_blocks(student), find_moe_blocks(teacher), factors):
         t_ex = t_block.experts
-        ex = CompressedExperts(t_ex.num_experts, t_ex.hidden_dim, t_ex.intermediate_dim, rank, teacher.config.hidden_act)
+        ex = CompressedExperts(
+            t_ex.num_experts, t_ex.hidden_dim, t_ex.intermediate_dim, rank, teacher.config.hidden_act
+        )
         ex = ex.to(device=t_ex.down_proj.device)
         with torch.no_grad():
             for p in PROJECTIONS:
@@ -483,7 +493,9 @@ def compress_model(
     return build_student(teacher, factors, r, compression)
 
 
-def compression_record(teacher, rank: int, *, core: str, svd: str, stats: CalibrationStats | None, damping: float) -> dict:
+def compression_record(
+    teacher, rank: int, *, core: str, svd: str, stats: CalibrationStats | None, damping: float
+) -> dict:
     """What goes into ``config.compression`` of a student."""
     ex = find_moe_blocks(teacher)[0][1].experts
     return {

@@ -15,11 +15,13 @@ per-expert outputs).
 The model classes subclass the transformers originals (Qwen3-MoE, Mixtral) and swap
 only ``mlp.experts``; attention, norms, the router (``mlp.gate``) and the load-balancing
 loss are the originals' code. Each has its own ``model_type`` so a checkpoint-0 loads
-with ``AutoModelForCausalLM.from_pretrained`` once ``moedistill.compression`` is
-imported, or with ``trust_remote_code=True`` from this file, which ``save_pretrained``
-copies beside the weights.
+with ``AutoModelForCausalLM.from_pretrained`` once this module is imported (importing
+``moedistill.compression`` or ``moedistill.models`` does it), or with
+``trust_remote_code=True`` from this file, which ``save_pretrained`` copies beside the
+weights.
 
-This file imports nothing from moedistill on purpose: it must work on its own.
+This file imports nothing from moedistill on purpose: it must work on its own, and every
+other module may import it (a leaf of the import graph).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.activations import ACT2FN
 from transformers.models.mixtral.configuration_mixtral import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralForCausalLM
@@ -86,7 +89,10 @@ class CompressedExperts(nn.Module):
                 nn.init.zeros_(getattr(self, f"wrapper_{proj}_B"))
 
     def extra_repr(self) -> str:
-        return f"experts={self.num_experts}, hidden={self.hidden_dim}, intermediate={self.intermediate_dim}, rank={self.rank}"
+        return (
+            f"experts={self.num_experts}, hidden={self.hidden_dim}, intermediate={self.intermediate_dim}, "
+            f"rank={self.rank}"
+        )
 
     def core(self, proj: str) -> torch.Tensor:
         return getattr(self, f"shared_core_{proj}")
@@ -107,7 +113,9 @@ class CompressedExperts(nn.Module):
         B, A = self.wrapper(proj)
         return F.linear(F.linear(x, A[e]), B[e])
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         I = self.intermediate_dim
         # The core's share of gate and up, once per token for all experts.
         core_gate_up = F.linear(hidden_states, torch.cat([self.shared_core_gate, self.shared_core_up]))
@@ -214,3 +222,20 @@ ARCHITECTURES = {
     "qwen3_moe": (MoedistillQwen3MoeConfig, MoedistillQwen3MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM),
     "mixtral": (MoedistillMixtralConfig, MoedistillMixtralForCausalLM, MixtralConfig, MixtralForCausalLM),
 }
+
+
+def register() -> None:
+    """Register the compressed model types with ``AutoConfig`` / ``AutoModelForCausalLM``.
+
+    Runs on import. ``register_for_auto_class`` makes ``save_pretrained`` copy this file
+    beside the weights and write ``auto_map``, so ``trust_remote_code=True`` loads a
+    checkpoint where moedistill is not installed (transformers then registers the copy's
+    classes itself; registering them here too is harmless, ``exist_ok``)."""
+    for config_cls, model_cls, _, _ in ARCHITECTURES.values():
+        AutoConfig.register(config_cls.model_type, config_cls, exist_ok=True)
+        AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
+        config_cls.register_for_auto_class("AutoConfig")
+        model_cls.register_for_auto_class("AutoModelForCausalLM")
+
+
+register()

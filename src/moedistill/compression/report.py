@@ -20,10 +20,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from moedistill.compression.init import CalibrationStats, teacher_expert_weights
+from moedistill.compression.init import (
+    DEFAULT_DAMPING,
+    CalibrationStats,
+    build_student,
+    compression_record,
+    expert_ratio,
+    teacher_expert_weights,
+)
 from moedistill.compression.modeling_moedistill import PROJECTIONS, find_moe_blocks
+from moedistill.evaluate import evaluate_model
+from moedistill.files import atomic_path, atomic_write_text
 
 VARIANTS = (("mean", "plain"), ("frequency", "plain"), ("mean", "activation"), ("frequency", "activation"))
+REPORT_SEQUENCES = 32  # validation blocks for the report's perplexities: a few dozen keep a rank sweep fast
 
 
 def parameter_counts(model: nn.Module) -> dict:
@@ -55,12 +65,65 @@ def reconstruction_errors(teacher: nn.Module, student: nn.Module, stats: Calibra
     return rows
 
 
-def evaluate(model, blocks, teacher=None, batch_size: int = 8, desc: str = "eval") -> dict:
-    """Perplexity (and KL/agreement given the teacher) on packed blocks, via ``moedistill.evaluate``."""
-    from moedistill.evaluate import evaluate_model
-
+def eval_summary(model, blocks, teacher=None, batch_size: int = 8, desc: str = "eval") -> dict:
+    """Perplexity (and exact KL / agreement given the teacher) on packed blocks, via ``moedistill.evaluate``."""
     m = evaluate_model(model, blocks, teacher=teacher, batch_size=batch_size, desc=desc)
-    return {k: m[k] for k in ("perplexity", "ce", "kl", "agreement", "tokens") if k in m}
+    return {k: m[k] for k in ("perplexity", "ce", "kl_exact", "agreement", "tokens") if k in m}
+
+
+def build_report(
+    teacher, student, eval_blocks, *, factors: dict, stats: CalibrationStats | None, report_ranks: list[int],
+    batch_size: int, header: dict, checkpoint_0: dict, eval_info: dict,
+) -> dict:
+    """The report of checkpoint-0 ``student`` and of every variant at ``report_ranks``.
+
+    Args:
+        factors: ``{(core, svd): LayerFactors list}`` at the largest rank needed (sliced per rank).
+        header: ``teacher``, ``checkpoint``, ``settings`` (copied to the top of the report).
+        checkpoint_0: ``rank``, ``core``, ``svd`` of the student.
+        eval_info: ``split``, ``sequences``, ``seq_len`` of ``eval_blocks``.
+    """
+    teacher_eval = eval_summary(teacher, eval_blocks, batch_size=batch_size, desc="teacher")
+    c0_eval = eval_summary(student, eval_blocks, teacher=teacher, batch_size=batch_size, desc="checkpoint-0")
+    t_counts, s_counts = parameter_counts(teacher), parameter_counts(student)
+    report = {
+        **header,
+        "parameters": {
+            "teacher": t_counts,
+            "student": s_counts,
+            "expert_compression_ratio": s_counts["experts"] / t_counts["experts"],
+            "model_compression_ratio": s_counts["total"] / t_counts["total"],
+        },
+        "teacher_eval": teacher_eval,
+        "checkpoint_0": {**checkpoint_0, **c0_eval},
+        "reconstruction_error": reconstruction_errors(teacher, student, stats),
+        "eval": eval_info,
+        "sweep": [
+            _sweep_row(teacher, factors[variant], variant, r, eval_blocks, stats, batch_size)
+            for variant in (VARIANTS if report_ranks else [])
+            for r in report_ranks
+        ],
+    }
+    report["comparison"] = comparison(report["sweep"])
+    return report
+
+
+def _sweep_row(teacher, factors, variant: tuple[str, str], rank: int, eval_blocks, stats, batch_size: int) -> dict:
+    """One variant at one rank: built from the shared factors, evaluated, then dropped."""
+    core, svd = variant
+    ex = find_moe_blocks(teacher)[0][1].experts
+    record = compression_record(teacher, rank, core=core, svd=svd, stats=stats, damping=DEFAULT_DAMPING)
+    student = build_student(teacher, factors, rank, record)
+    m = eval_summary(student, eval_blocks, teacher=teacher, batch_size=batch_size, desc=f"{core}+{svd} r={rank}")
+    errs = reconstruction_errors(teacher, student, stats)
+    on_inputs = [e[k] for e in errs for k in e if k.endswith("_on_inputs")]
+    return {
+        "rank": rank, "core": core, "svd": svd,
+        "expert_compression_ratio": expert_ratio(rank, ex.num_experts, ex.hidden_dim, ex.intermediate_dim),
+        "weight_error": sum(e["mean"] for e in errs) / len(errs),
+        "input_error": sum(on_inputs) / len(on_inputs) if on_inputs else None,
+        **m,
+    }
 
 
 def comparison(sweep: list[dict]) -> list[dict]:
@@ -92,13 +155,17 @@ def markdown(report: dict) -> str:
         "",
         "| | teacher | checkpoint-0 | ratio |",
         "|---|---:|---:|---:|",
-        f"| expert parameters | {p['teacher']['experts']:,} | {p['student']['experts']:,} | {p['expert_compression_ratio']:.4f} |",
-        f"| all parameters | {p['teacher']['total']:,} | {p['student']['total']:,} | {p['model_compression_ratio']:.4f} |",
+        f"| expert parameters | {p['teacher']['experts']:,} | {p['student']['experts']:,} | "
+        f"{p['expert_compression_ratio']:.4f} |",
+        f"| all parameters | {p['teacher']['total']:,} | {p['student']['total']:,} | "
+        f"{p['model_compression_ratio']:.4f} |",
         "",
         f"checkpoint-0: core={c0['core']}, svd={c0['svd']}, rank={c0['rank']}; "
         f"validation perplexity {c0['perplexity']:.3f} (teacher {report['teacher_eval']['perplexity']:.3f}), "
-        f"KL to teacher {c0.get('kl', float('nan')):.4f} nats/token, top-1 agreement {c0.get('agreement', float('nan')):.3f} "
-        f"({report['eval']['sequences']} sequences x {report['eval']['seq_len']} tokens of split '{report['eval']['split']}')",
+        f"exact KL to teacher {c0.get('kl_exact', float('nan')):.4f} nats/token, "
+        f"top-1 agreement {c0.get('agreement', float('nan')):.3f} "
+        f"({report['eval']['sequences']} sequences x {report['eval']['seq_len']} tokens of split "
+        f"'{report['eval']['split']}')",
         "",
     ]
     if report.get("sweep"):
@@ -125,16 +192,19 @@ def markdown(report: dict) -> str:
                 cells.append("-" if d is None else f"{d:+.3f} ({100 * d / base:+.1f}%)")
             lines.append(f"| {entry['rank']} | " + " | ".join(cells) + " |")
         for key, title, fmt in [
-            ("kl", "KL(teacher || checkpoint), nats/token", "{:.4f}"),
+            ("kl_exact", "exact KL(teacher || checkpoint), nats/token", "{:.4f}"),
             ("weight_error", "relative weight error, mean over layers and projections", "{:.4f}"),
-            ("input_error", "relative error on the routed calibration inputs, mean over layers and projections", "{:.4f}"),
+            ("input_error", "relative error on the routed calibration inputs, mean over layers and projections",
+             "{:.4f}"),
         ]:
             lines += ["", f"{title}:", ""]
-            lines += ["| rank | " + " | ".join(f"{c}+{s}" for c, s in VARIANTS) + " |", "|---:|" + "---:|" * len(VARIANTS)]
+            lines += ["| rank | " + " | ".join(f"{c}+{s}" for c, s in VARIANTS) + " |",
+                      "|---:|" + "---:|" * len(VARIANTS)]
             for r in sorted({row["rank"] for row in report["sweep"]}):
                 at = {(row["core"], row["svd"]): row for row in report["sweep"] if row["rank"] == r}
                 # max(0, .): a full-rank KL of -1e-9 is rounding, not a negative divergence
-                cells = [fmt.format(max(0.0, at[v][key])) if v in at and at[v].get(key) is not None else "-" for v in VARIANTS]
+                cells = [fmt.format(max(0.0, at[v][key])) if v in at and at[v].get(key) is not None else "-"
+                         for v in VARIANTS]
                 lines.append(f"| {r} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += [
@@ -145,7 +215,9 @@ def markdown(report: dict) -> str:
     ]
     for row in report["reconstruction_error"]:
         on = [f"{row[f'{p}_on_inputs']:.4f}" if f"{p}_on_inputs" in row else "-" for p in PROJECTIONS]
-        lines.append(f"| {row['layer']} | {row['gate']:.4f} | {row['up']:.4f} | {row['down']:.4f} | " + " | ".join(on) + " |")
+        lines.append(
+            f"| {row['layer']} | {row['gate']:.4f} | {row['up']:.4f} | {row['down']:.4f} | " + " | ".join(on) + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -161,17 +233,21 @@ def plot(report: dict, path: Path) -> None:
     teacher_ppl = report["teacher_eval"]["perplexity"]
     c0 = report["checkpoint_0"]
     c0_ratio = report["parameters"]["expert_compression_ratio"]
-    for ax, key, label in ((ax1, "perplexity", "validation perplexity"), (ax2, "kl", "KL(teacher || student), nats/token")):
+    for ax, key, label in ((ax1, "perplexity", "validation perplexity"),
+                           (ax2, "kl_exact", "exact KL(teacher || student), nats/token")):
         for core, svd in VARIANTS:
-            rows = sorted((r for r in report.get("sweep", []) if r["core"] == core and r["svd"] == svd), key=lambda r: r["rank"])
+            rows = sorted((r for r in report.get("sweep", []) if r["core"] == core and r["svd"] == svd),
+                          key=lambda r: r["rank"])
             # log axes: leave out the exact (full-rank) points, whose KL is rounding noise
-            rows = [r for r in rows if r.get(key) is not None and (key != "kl" or r[key] > 1e-6)]
+            rows = [r for r in rows if r.get(key) is not None and (key != "kl_exact" or r[key] > 1e-6)]
             if rows:
-                ax.plot([r["expert_compression_ratio"] for r in rows], [r[key] for r in rows], "o-", label=f"{core}+{svd}")
+                ax.plot([r["expert_compression_ratio"] for r in rows], [r[key] for r in rows], "o-",
+                        label=f"{core}+{svd}")
         if c0.get(key) is not None:
             ax.plot([c0_ratio], [c0[key]], "k*", ms=14, label="checkpoint-0")
         ax.set_xscale("log")
-        ticks = sorted({round(r["expert_compression_ratio"], 3) for r in report.get("sweep", [])} | {round(c0_ratio, 3)})
+        ticks = sorted({round(r["expert_compression_ratio"], 3) for r in report.get("sweep", [])}
+                       | {round(c0_ratio, 3)})
         ax.set_xticks(ticks)
         ax.set_xticklabels([f"{t:g}" for t in ticks], rotation=45, fontsize=8)
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
@@ -198,7 +274,8 @@ def plot(report: dict, path: Path) -> None:
     ax3.set_title(f"checkpoint-0 experts (rank {c0['rank']}, {c0['core']}+{c0['svd']})")
     ax3.legend(fontsize=8, ncol=2, loc="upper center")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 
@@ -216,9 +293,9 @@ def write_report(report: dict, out_dir: Path) -> dict[str, Path]:
             return [clean(v) for v in x]
         return x
 
-    paths["json"].write_text(json.dumps(clean(report), indent=2) + "\n")
+    atomic_write_text(paths["json"], json.dumps(clean(report), indent=2) + "\n")
     md = markdown(report)
-    paths["markdown"].write_text(md)
+    atomic_write_text(paths["markdown"], md)
     plot(report, paths["png"])
     print(md)
     print(f"[compress] report: {paths['json']}, {paths['markdown']}, {paths['png']}")

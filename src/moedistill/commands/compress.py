@@ -16,23 +16,24 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
+from transformers import AutoConfig
 
+from moedistill.commands import common  # called qualified, so patching common.X reaches every verb
 from moedistill.compression.init import (
     DEFAULT_DAMPING,
     build_student,
     collect_calibration_stats,
     compression_record,
     compute_factors,
-    expert_ratio,
     full_rank,
     resolve_rank,
 )
-from moedistill.compression.modeling_moedistill import find_moe_blocks
-from moedistill.compression.report import VARIANTS, comparison, evaluate, parameter_counts, reconstruction_errors, write_report
+from moedistill.compression.report import REPORT_SEQUENCES, VARIANTS, build_report, write_report
+from moedistill.config import Config
 from moedistill.errors import UserError
+from moedistill.files import replace_dir
+from moedistill.models import config_or_none, resolve
 
-REPORT_SEQUENCES = 32  # validation blocks for the report's perplexities: a few dozen keep a rank sweep fast
 SETTINGS_VERSION = 1  # bump when the initialisation changes so old checkpoint-0s are not reused
 
 
@@ -42,8 +43,6 @@ def checkpoint_dir(cfg) -> Path:
 
 def _teacher_identity(cfg) -> dict:
     """What identifies the teacher's weights without reading them: files, sizes and mtimes, or the hub revision."""
-    from moedistill.models import resolve
-
     path = Path(resolve(cfg.teacher.name))
     if path.is_dir():
         files = sorted(
@@ -52,12 +51,12 @@ def _teacher_identity(cfg) -> dict:
             if f.suffix in (".safetensors", ".bin", ".json") and not f.name.startswith("tokenizer")
         )
         return {"path": str(path.resolve()), "files": files}
-    from transformers import AutoConfig
-
     try:
         c = AutoConfig.from_pretrained(cfg.teacher.name, trust_remote_code=cfg.teacher.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load teacher {cfg.teacher.name!r}: {str(e).splitlines()[0]}; check teacher.name") from None
+        raise UserError(
+            f"cannot load teacher {cfg.teacher.name!r}: {str(e).splitlines()[0]}; check teacher.name"
+        ) from None
     return {"hub": cfg.teacher.name, "revision": getattr(c, "_commit_hash", None)}
 
 
@@ -106,31 +105,27 @@ def _existing(ckpt: Path, want: str) -> bool:
     return have == want
 
 
-def compress_from_config(cfg) -> Path:
+def compress_from_config(cfg: Config) -> Path:
     """Build (or reuse) checkpoint-0 from ``cfg.teacher`` with ``cfg.compress``; write the report.
 
     Returns:
         the checkpoint directory ``<cfg.output_dir>/compressed/checkpoint-0``.
     """
-    from moedistill.data import prepare
-    from moedistill.models import config_or_none, get_model
-
     ckpt = checkpoint_dir(cfg)
     s = settings(cfg)
     h = settings_hash(s)
     if _existing(ckpt, h):
         report = ckpt.parent / "report.md"
-        print(f"[compress] reusing {ckpt} (same teacher and settings, hash {h})" + (f"; report: {report}" if report.exists() else ""))
+        print(f"[compress] reusing {ckpt} (same teacher and settings, hash {h})"
+              + (f"; report: {report}" if report.exists() else ""))
         return ckpt
 
-    c, d = cfg.compress, cfg.data
+    c = cfg.compress
     # a bad rank or architecture stops here, before a large teacher loads
     teacher_config = config_or_none(cfg.teacher.name, cfg.teacher.trust_remote_code)
     if teacher_config is not None:
         resolve_rank(teacher_config, c.rank, c.compression_ratio)
-    teacher, tokenizer = get_model(
-        cfg.teacher.name, dtype=cfg.teacher.dtype, device_map=cfg.teacher.device_map, trust_remote_code=cfg.teacher.trust_remote_code
-    )
+    teacher, tokenizer = common.load_teacher(cfg)
     rank = resolve_rank(teacher, c.rank, c.compression_ratio)
     full = full_rank(teacher)
     report_ranks = sorted({r for r in c.report_ranks if 0 <= r <= full})
@@ -140,72 +135,36 @@ def compress_from_config(cfg) -> Path:
 
     stats = None
     if _uses_calibration(cfg) or report_ranks:
-        calib = prepare(
-            tokenizer, d.dataset, seq_len=d.seq_len, dataset_config=d.dataset_config, split=d.split,
-            text_field=d.text_field, max_samples=d.max_samples, max_sequences=c.calibration_sequences,
-        )
+        calib = common.prepare_split(cfg, tokenizer, max_sequences=c.calibration_sequences)
         stats = collect_calibration_stats(
             teacher, calib.blocks, gram=c.svd == "activation" or bool(report_ranks), batch_size=cfg.cache.batch_size
         )
-        print(f"[compress] calibration: {stats.sequences} sequences x {d.seq_len} tokens of {calib.source}")
+        print(f"[compress] calibration: {stats.sequences} sequences x {cfg.data.seq_len} tokens of {calib.source}")
 
     # One set of factors per variant, at the largest rank any student of that variant needs.
     variants = set(VARIANTS) if report_ranks else set()
     variants.add((c.core, c.svd))
     factors = {}
     for core, svd in sorted(variants):
-        max_rank = max([r for r in report_ranks] + ([rank] if (core, svd) == (c.core, c.svd) else []))
+        max_rank = max([*report_ranks, *([rank] if (core, svd) == (c.core, c.svd) else [])])
         factors[(core, svd)] = compute_factors(teacher, max_rank=max_rank, core=core, svd=svd, stats=stats)
 
-    record = compression_record(teacher, rank, core=c.core, svd=c.svd, stats=stats if _uses_calibration(cfg) else None, damping=DEFAULT_DAMPING)
+    record = compression_record(
+        teacher, rank, core=c.core, svd=c.svd, stats=stats if _uses_calibration(cfg) else None, damping=DEFAULT_DAMPING
+    )
     record.update({"teacher": cfg.teacher.name, "settings": s, "settings_hash": h})
     student = build_student(teacher, factors[(c.core, c.svd)], rank, record)
     _save(student, tokenizer, ckpt)
     print(f"[compress] wrote {ckpt} (rank {rank}, core={c.core}, svd={c.svd})")
 
-    # ---- report
-    eval_blocks = prepare(
-        tokenizer, d.dataset, seq_len=d.seq_len, dataset_config=d.dataset_config, split=d.eval_split,
-        text_field=d.text_field, max_sequences=REPORT_SEQUENCES,
-    ).blocks
-    bs = cfg.eval.batch_size
-    teacher_eval = evaluate(teacher, eval_blocks, batch_size=bs, desc="teacher")
-    c0_eval = evaluate(student, eval_blocks, teacher=teacher, batch_size=bs, desc="checkpoint-0")
-    t_counts, s_counts = parameter_counts(teacher), parameter_counts(student)
-    report = {
-        "teacher": cfg.teacher.name,
-        "checkpoint": str(ckpt),
-        "settings": s,
-        "parameters": {
-            "teacher": t_counts,
-            "student": s_counts,
-            "expert_compression_ratio": s_counts["experts"] / t_counts["experts"],
-            "model_compression_ratio": s_counts["total"] / t_counts["total"],
-        },
-        "teacher_eval": teacher_eval,
-        "checkpoint_0": {"rank": rank, "core": c.core, "svd": c.svd, **c0_eval},
-        "reconstruction_error": reconstruction_errors(teacher, student, stats),
-        "eval": {"split": d.eval_split, "sequences": len(eval_blocks), "seq_len": d.seq_len},
-        "sweep": [],
-    }
-    del student
-    ex = find_moe_blocks(teacher)[0][1].experts
-    for core, svd in VARIANTS if report_ranks else []:
-        for r in report_ranks:
-            base = compression_record(teacher, r, core=core, svd=svd, stats=stats, damping=DEFAULT_DAMPING)
-            st = build_student(teacher, factors[(core, svd)], r, base)
-            m = evaluate(st, eval_blocks, teacher=teacher, batch_size=bs, desc=f"{core}+{svd} r={r}")
-            errs = reconstruction_errors(teacher, st, stats)
-            on_inputs = [e[k] for e in errs for k in e if k.endswith("_on_inputs")]
-            report["sweep"].append({
-                "rank": r, "core": core, "svd": svd,
-                "expert_compression_ratio": expert_ratio(r, ex.num_experts, ex.hidden_dim, ex.intermediate_dim),
-                "weight_error": sum(e["mean"] for e in errs) / len(errs),
-                "input_error": sum(on_inputs) / len(on_inputs) if on_inputs else None,
-                **m,
-            })
-            del st
-    report["comparison"] = comparison(report["sweep"])
+    eval_blocks = common.prepare_split(cfg, tokenizer, cfg.data.eval_split, max_sequences=REPORT_SEQUENCES).blocks
+    report = build_report(
+        teacher, student, eval_blocks, factors=factors, stats=stats, report_ranks=report_ranks,
+        batch_size=cfg.eval.batch_size,
+        header={"teacher": cfg.teacher.name, "checkpoint": str(ckpt), "settings": s},
+        checkpoint_0={"rank": rank, "core": c.core, "svd": c.svd},
+        eval_info={"split": cfg.data.eval_split, "sequences": len(eval_blocks), "seq_len": cfg.data.seq_len},
+    )
     write_report(report, ckpt.parent)
     return ckpt
 
@@ -219,8 +178,4 @@ def _save(student, tokenizer, ckpt: Path) -> None:
     student.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
-    if ckpt.exists():
-        shutil.rmtree(ckpt)
-    tmp.rename(ckpt)
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    replace_dir(tmp, ckpt)

@@ -4,9 +4,9 @@
 ``moedistill.stages.run_stages``:
 
 - the student: ``cfg.student.name``, or ``<output_dir>/compressed/checkpoint-0`` (built
-  with ``moedistill.compression.compress_from_config`` when missing);
+  with ``moedistill.commands.compress.compress_from_config`` when missing);
 - the training cache: ``cfg.cache.dir`` or ``<output_dir>/cache/<mode>``, generated with
-  ``moedistill.cache.generate.generate_from_config`` unless a complete cache of exactly
+  ``moedistill.commands.cache.generate_from_config`` unless a complete cache of exactly
   this teacher, data and settings is there;
 - the eval cache: top-k targets of ``cfg.data.eval_split`` in
   ``<output_dir>/cache/topk-<eval_split>`` (generated likewise), used for the
@@ -27,22 +27,22 @@ import logging
 import os
 from pathlib import Path
 
+from transformers import TrainingArguments
+
+from moedistill.cache import open_cache
+from moedistill.commands import common  # called qualified, so patching common.X reaches every verb
+from moedistill.commands.cache import generate_from_config
+from moedistill.commands.compress import checkpoint_dir, compress_from_config
 from moedistill.config import Config
 from moedistill.dist import barrier, launched_rank, launched_world
 from moedistill.errors import UserError
+from moedistill.files import atomic_write_json
+from moedistill.integrity import check_context, check_vocab, config_vocab, output_vocab, verify_checkpoint
+from moedistill.models import config_or_none
+from moedistill.stages import LOG_FILE, check_stages, plan_stages, run_stages
+from moedistill.targets import eval_kl_key
 
 logger = logging.getLogger(__name__)
-
-
-def _setup_logging() -> None:
-    """Show moedistill's INFO lines (parameter-group tables, stage banners) unless the app configured logging."""
-    root = logging.getLogger("moedistill")
-    if not root.handlers and not logging.getLogger().handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))
-        root.addHandler(handler)
-        # under torchrun only rank 0 reports progress; the others still show warnings and errors
-        root.setLevel(logging.INFO if launched_rank() == 0 else logging.WARNING)
 
 
 def with_cache_mode(cfg: Config, mode: str) -> Config:
@@ -56,9 +56,6 @@ def with_cache_mode(cfg: Config, mode: str) -> Config:
 
 def _cache(cfg: Config, split: str | None, what: str):
     """Generate (or reuse, when complete and identical) the cache of ``split`` and open it."""
-    from moedistill.cache import open_cache
-    from moedistill.cache.generate import generate_from_config
-
     path = Path(generate_from_config(cfg, split=split))
     logger.info("%s cache: %s", what, path)
     expect = {"teacher": cfg.teacher.name, "seq_len": cfg.data.seq_len, "mode": cfg.cache.mode}
@@ -66,36 +63,25 @@ def _cache(cfg: Config, split: str | None, what: str):
 
 
 def _load_student(cfg: Config, student):
-    from moedistill.models import get_model
-
     if student is not None:
         return student, cfg.student.name or "<in-memory student>"
     name = cfg.student.name
     if name is None:
-        ckpt = Path(cfg.output_dir) / "compressed" / "checkpoint-0"
+        ckpt = checkpoint_dir(cfg)
         if not (ckpt / "config.json").is_file():
-            from moedistill.compression import compress_from_config
-
             # under torchrun one process compresses; the others wait and load its checkpoint
             if launched_rank() == 0:
                 logger.info("no checkpoint-0 in %s: compressing the teacher first", ckpt)
                 ckpt = Path(compress_from_config(cfg))
             barrier()
         name = str(ckpt)
-    model, _ = get_model(
-        name, dtype=cfg.student.dtype, trust_remote_code=cfg.student.trust_remote_code, with_tokenizer=False
-    )
-    return model, name
+    return common.load_student(cfg, name), name
 
 
 def _check_student(cfg: Config, model, student_name: str, args, loss_overrides) -> None:
     """Before any cache is generated or run directory touched: data.seq_len within the
     student's context, every id of the teacher's vocabulary a student logit, every
     parameter-group rule of every stage matching some parameter."""
-    from moedistill.integrity import check_context, check_vocab, config_vocab, output_vocab
-    from moedistill.models import config_or_none
-    from moedistill.stages import check_stages, plan_stages
-
     check_context(model.config, cfg.data.seq_len, f"student {student_name}")
     teacher_config = config_or_none(cfg.teacher.name, cfg.teacher.trust_remote_code)
     if teacher_config is not None:  # an unloadable teacher is reported by the cache step
@@ -106,8 +92,6 @@ def _check_student(cfg: Config, model, student_name: str, args, loss_overrides) 
 
 def training_arguments(cfg: Config, run_dir: Path):
     """``TrainingArguments`` from ``cfg.training`` with the keys moedistill owns filled in."""
-    from transformers import TrainingArguments
-
     kwargs = dict(cfg.training)
     kwargs.setdefault("per_device_eval_batch_size", cfg.eval.batch_size)
     try:
@@ -152,22 +136,15 @@ def train_from_config(
         "final_eval", "train_metrics", "log_history"}``; the same (minus the history) is
         written to ``<run_dir>/metrics.json``.
     """
-    from moedistill.models import load_tokenizer
-    from moedistill.stages import LOG_FILE, plan_stages, run_stages
-
-    _setup_logging()
+    common.setup_logging()
     run_dir = Path(cfg.output_dir) / "train" / run_name
     args = training_arguments(cfg, run_dir)
     model, student_name = _load_student(cfg, student)
-    tokenizer = load_tokenizer(cfg.teacher.name, cfg.teacher.trust_remote_code)
+    tokenizer = common.teacher_tokenizer(cfg)
     _check_student(cfg, model, student_name, args, loss_overrides)
     if resume not in (None, "latest", "last"):  # a damaged checkpoint stops the run before any cache work
-        from moedistill.integrity import verify_checkpoint
-
         verify_checkpoint(resume)
     if cache_dir:  # a given cache is used as it is (open_cache still checks teacher and seq_len)
-        from moedistill.cache import open_cache
-
         train_path = Path(cache_dir)
         train_ds = open_cache(train_path, expect={"teacher": cfg.teacher.name, "seq_len": cfg.data.seq_len})
     else:
@@ -188,7 +165,7 @@ def train_from_config(
     history = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.is_file() else []
     # a resumed run finds its starting point in the log (the step-0 evaluation)
     initial = out.get("initial_eval") or next(
-        ({k: v for k, v in e.items() if k.startswith("eval_")} for e in history if e["step"] == 0 and "eval_kl" in e),
+        ({k: v for k, v in e.items() if k.startswith("eval_")} for e in history if e["step"] == 0 and eval_kl_key(e)),
         None,
     )
     result = {
@@ -204,15 +181,14 @@ def train_from_config(
     if "stopped_at" in out:
         result["stopped_at"] = out["stopped_at"]
     if args.process_index == 0:
-        tmp = run_dir / "metrics.json.tmp"
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        tmp.replace(run_dir / "metrics.json")
+        atomic_write_json(run_dir / "metrics.json", result, indent=2)
     result["log_history"] = history
     first, last = result["initial_eval"], result["final_eval"]
     if first and last:
+        kl = eval_kl_key(last)
         logger.info(
-            "validation: KL to the teacher %.4f -> %.4f, CE %.4f -> %.4f, perplexity %.2f -> %.2f",
-            first["eval_kl"], last["eval_kl"], first["eval_ce"], last["eval_ce"],
+            "validation: %s to the teacher %.4f -> %.4f, CE %.4f -> %.4f, perplexity %.2f -> %.2f",
+            kl.removeprefix("eval_"), first[kl], last[kl], first["eval_ce"], last["eval_ce"],
             first["eval_perplexity"], last["eval_perplexity"],
         )
     return result

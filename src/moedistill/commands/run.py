@@ -18,7 +18,15 @@ import json
 import time
 from pathlib import Path
 
+from moedistill.commands import common  # called qualified, so patching common.X reaches every verb
+from moedistill.commands.cache import generate_from_config
+from moedistill.commands.compress import compress_from_config
+from moedistill.commands.eval import eval_blocks
+from moedistill.commands.train import train_from_config, with_cache_mode
 from moedistill.config import Config
+from moedistill.evaluate import count_parameters, evaluate_models
+from moedistill.files import atomic_write_text
+from moedistill.report import write_report
 
 
 def _log(msg: str):
@@ -27,10 +35,6 @@ def _log(msg: str):
 
 def run(cfg: Config) -> Path:
     """Run the pipeline; returns the path of ``report.md``."""
-    from moedistill.cache.generate import generate_from_config
-    from moedistill.compression import compress_from_config
-    from moedistill.train import train_from_config, with_cache_mode
-
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -68,8 +72,6 @@ def run(cfg: Config) -> Path:
         )
 
     rows, curves, bounds = step("evaluate", lambda: _evaluate_all(cfg, ckpt0, results))
-    from moedistill.report import write_report
-
     settings = {
         "config": cfg.to_dict(),
         "timings_s": timings,
@@ -83,18 +85,13 @@ def run(cfg: Config) -> Path:
 
 
 def _evaluate_all(cfg: Config, ckpt0: Path, results: dict):
-    from moedistill.evaluate import count_parameters, eval_blocks, evaluate_models
-    from moedistill.models import get_model
-
-    teacher, tok = get_model(cfg.teacher.name, dtype=cfg.teacher.dtype, device_map=cfg.teacher.device_map,
-                             trust_remote_code=cfg.teacher.trust_remote_code)
+    teacher, tok = common.load_teacher(cfg)
     blocks = eval_blocks(cfg, tok)
     # All models are evaluated in one pass over the data so the teacher runs once per batch
     # (it dominates the cost). That holds every student in memory at once: fine for the
     # embedded default; for large students run `moedistill eval` per model with --cache.
     paths = {"teacher": None, "checkpoint-0": str(ckpt0), **{k: v["final_dir"] for k, v in results.items()}}
-    models = {name: teacher if path is None else get_model(path, dtype=cfg.student.dtype, with_tokenizer=False)[0]
-              for name, path in paths.items()}
+    models = {name: teacher if path is None else common.load_student(cfg, path) for name, path in paths.items()}
     metrics = evaluate_models(models, blocks, teacher=teacher, batch_size=cfg.eval.batch_size,
                               ece_bins=cfg.eval.ece_bins, desc="evaluate")
     rows = []
@@ -105,5 +102,5 @@ def _evaluate_all(cfg: Config, ckpt0: Path, results: dict):
     for name, r in results.items():
         curves[name] = r.get("log_history", [])
         bounds[name] = [(b["start_step"], b["name"]) for b in r.get("stages", [])]
-    Path(cfg.output_dir, "eval.json").write_text(json.dumps(rows, indent=2) + "\n")
+    atomic_write_text(Path(cfg.output_dir, "eval.json"), json.dumps(rows, indent=2) + "\n")
     return rows, curves, bounds

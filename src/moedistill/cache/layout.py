@@ -1,0 +1,203 @@
+"""The cache on disk: file names, datasets, statistics and the manifest.
+
+A cache is a directory (docs/CACHE_FORMAT.md)::
+
+    manifest.json          what it holds, fingerprints, per-shard range/rows/bytes/checksum,
+                           "complete": true only once every shard is closed and verified
+    shard-00000.h5         one per writer process (rank), a contiguous range of sequences
+    parts/                 only while generating: one small HDF5 file per finished batch
+
+Inside a shard (and a part) with n rows, seq_len L and width W (the per-position target
+axis on disk: the manifest's ``width``)::
+
+    input_ids      uint32 [n, L]
+    target_ids     uint32 [n, W, L]       rank-major: [i, j, t] is rank j at position t
+    target_deltas  uint16 [n, W, L]       log-probs, see moedistill.cache.encode
+    target_counts  uint8|uint16 [n, W, L] (sample mode only)
+
+each chunked by row (one sequence per chunk, so a reader touches one chunk per dataset),
+filtered by (byte- or bit-) shuffle + compressor + fletcher32; the encoding parameters
+are shard attributes. How the files are written is in ``writer.py``, how they are read
+in ``reader.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import h5py
+
+from moedistill.cache import encode  # also registers hdf5plugin's zstd filter with HDF5
+from moedistill.errors import UserError
+
+MANIFEST = "manifest.json"
+PARTS_DIR = "parts"
+FORMAT_NAME = "moedistill-teacher-cache"
+TARGET_DATASETS = ("target_ids", "target_deltas", "target_counts")
+
+# keys of the manifest that must match for a rerun to resume (or reuse) an existing cache
+IDENTITY_KEYS = (
+    "format_version",
+    "mode",
+    "top_k",
+    "num_samples",
+    "width",
+    "vocab_size",
+    "seq_len",
+    "num_sequences",
+    "batch_size",
+    "seed",
+    "fingerprints",
+    "encoding",
+)
+
+
+# --------------------------------------------------------------------------- names
+
+
+def shard_name(rank: int) -> str:
+    return f"shard-{rank:05d}.h5"
+
+
+def shard_info_name(rank: int) -> str:
+    return f"shard-{rank:05d}.json"
+
+
+def part_name(start: int, end: int) -> str:
+    return f"part-{start:010d}-{end:010d}.h5"
+
+
+def parse_part_name(name: str) -> tuple[int, int] | None:
+    if not (name.startswith("part-") and name.endswith(".h5")):
+        return None
+    try:
+        a, b = name[5:-3].split("-")
+        return int(a), int(b)
+    except ValueError:
+        return None
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+def open_h5(path: Path, mode: str = "r") -> h5py.File:
+    """A shard or part file (hdf5plugin's filters are registered: ``encode`` imports it)."""
+    return h5py.File(path, mode)
+
+
+def dataset_specs(attrs: dict) -> dict:
+    """name -> (dtype, per-row shape) of every dataset a shard holds. Target arrays are
+    rank-major on disk, ``[width, L]`` per row, so each rank's similar values sit together."""
+    seq_len, width = int(attrs["seq_len"]), int(attrs["width"])
+    specs = {
+        "input_ids": (encode.ID_DTYPE, (seq_len,)),
+        "target_ids": (encode.ID_DTYPE, (width, seq_len)),
+        "target_deltas": (encode.DELTA_DTYPE, (width, seq_len)),
+    }
+    if attrs["mode"] == "sample":
+        specs["target_counts"] = (encode.count_dtype(int(attrs["num_samples"])), (width, seq_len))
+    return specs
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+STAT_KEYS = ("positions", "entropy_sum", "mass_sum", "distinct_sum", "distinct_max")
+
+
+def empty_stats() -> dict:
+    return {k: 0 for k in STAT_KEYS}
+
+
+def add_stats(total: dict, more: dict) -> dict:
+    for k in STAT_KEYS:
+        if k == "distinct_max":
+            total[k] = max(int(total[k]), int(more[k]))
+        elif k in ("positions", "distinct_sum"):
+            total[k] = int(total[k]) + int(more[k])
+        else:
+            total[k] = float(total[k]) + float(more[k])
+    return total
+
+
+def stats_from_attrs(attrs) -> dict:
+    values = {k: attrs[f"stat_{k}"] for k in STAT_KEYS}
+    return {k: v.item() if hasattr(v, "item") else v for k, v in values.items()}  # numpy scalars -> Python
+
+
+def write_stats_attrs(attrs, stats: dict):
+    for k in STAT_KEYS:
+        attrs[f"stat_{k}"] = stats[k]
+
+
+def summarise_stats(stats: dict) -> dict:
+    n = max(int(stats["positions"]), 1)
+    return {
+        "positions": int(stats["positions"]),
+        "mean_entropy": float(stats["entropy_sum"]) / n,
+        "mean_mass": float(stats["mass_sum"]) / n,
+        "mean_distinct": float(stats["distinct_sum"]) / n,
+        "max_distinct": int(stats["distinct_max"]),
+        "_sums": {k: stats[k] for k in STAT_KEYS},
+    }
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def manifest_identity(manifest: dict) -> dict:
+    return {k: manifest.get(k) for k in IDENTITY_KEYS}
+
+
+def identity_diff(have: dict, want: dict) -> list[str]:
+    """Human-readable differences between two identities (empty if they match)."""
+    out = []
+    for k in IDENTITY_KEYS:
+        _diff(k, have.get(k), want.get(k), out)
+    return out
+
+
+def _diff(key: str, a, b, out: list) -> None:
+    """Nested dicts down to the differing leaf (``fingerprints.teacher.name``), so that the
+    shortened values shown are the ones that differ."""
+    if a == b:
+        return
+    if isinstance(a, dict) and isinstance(b, dict):
+        for sub in sorted(set(a) | set(b)):
+            _diff(f"{key}.{sub}", a.get(sub), b.get(sub), out)
+    else:
+        out.append(f"{key}: cache has {_short(a)}, this run has {_short(b)}")
+
+
+def _short(v) -> str:
+    s = json.dumps(v, sort_keys=True) if not isinstance(v, str) else v
+    return s if len(s) <= 80 else s[:77] + "..."
+
+
+def read_json(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(
+            f"{path} is not valid JSON ({e.msg}); the cache is damaged, regenerate it with overwrite"
+        ) from None
+
+
+def load_manifest(path: Path) -> dict:
+    path = Path(path)
+    m = path / MANIFEST
+    if not path.is_dir():
+        raise UserError(f"cache directory {path} does not exist; generate it with `moedistill cache` or fix the path")
+    if not m.is_file():
+        raise UserError(f"{path} is not a teacher cache ({MANIFEST} missing); generate it with `moedistill cache`")
+    manifest = read_json(m)
+    if manifest.get("format") != FORMAT_NAME:
+        raise UserError(f"{m} is not a moedistill teacher-cache manifest; point at a cache directory")
+    if int(manifest.get("format_version", 0)) > encode.FORMAT_VERSION:
+        raise UserError(
+            f"cache {path} has format version {manifest['format_version']}, this moedistill reads up to "
+            f"{encode.FORMAT_VERSION}; upgrade moedistill"
+        )
+    return manifest

@@ -1,0 +1,107 @@
+"""``moedistill cache``: the teacher cache a config describes, built, resumed or reused.
+
+``generate_from_config(cfg, split)`` writes ``cache_dir(cfg, split)`` with
+``moedistill.cache.generate_cache``. A complete cache of exactly this configuration is
+reused without loading the teacher's weights: its identity is checked from the
+teacher's config file, the tokenizer and the packed data alone.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from moedistill.cache.generate import cache_identity, generate_cache, rank_world
+from moedistill.cache.layout import MANIFEST, identity_diff, load_manifest, manifest_identity
+from moedistill.cache.reader import verify_shards
+from moedistill.commands import common  # called qualified, so patching common.X reaches every verb
+from moedistill.config import Config
+from moedistill.fingerprints import config_fingerprint
+from moedistill.integrity import check_context
+from moedistill.models import config_or_none
+
+# the generate_cache arguments that are part of the cache's identity (``overwrite`` is not)
+_IDENTITY_ARGS = ("mode", "top_k", "num_samples", "batch_size", "teacher_name", "seed")
+
+
+def cache_dir(cfg: Config, split: str | None = None) -> Path:
+    """Where the cache of ``split`` lives: ``cache.dir`` or ``<output_dir>/cache/<mode>``,
+    with ``-<split>`` appended for a split other than ``data.split``."""
+    base = Path(cfg.cache.dir) if cfg.cache.dir else Path(cfg.output_dir) / "cache" / cfg.cache.mode
+    if split is None or split == cfg.data.split:
+        return base
+    return base.with_name(f"{base.name}-{split}")
+
+
+def generate_from_config(cfg: Config, split: str | None = None) -> Path:
+    """Build (or resume, or reuse) the teacher cache described by ``cfg``; returns its directory.
+
+    ``split`` defaults to ``cfg.data.split`` (with ``data.max_sequences``); another split
+    (e.g. ``cfg.data.eval_split``) uses ``data.eval_max_sequences`` and its own directory.
+    A complete cache with the same identity is reused without loading the teacher.
+    """
+    split = split or cfg.data.split
+    max_sequences = cfg.data.max_sequences if split == cfg.data.split else cfg.data.eval_max_sequences
+    out = cache_dir(cfg, split)
+    tokenizer = common.teacher_tokenizer(cfg)
+    _check_teacher_context(cfg)
+    packed = common.prepare_split(cfg, tokenizer, split, max_sequences)
+    kwargs = _generate_kwargs(cfg)
+    if not cfg.cache.overwrite and _reusable(out, cfg, packed, kwargs):
+        return out
+    teacher, _ = common.load_teacher(cfg, with_tokenizer=False)
+    if cfg.teacher.device_map is None:
+        teacher.to(_default_device())
+    return generate_cache(teacher, tokenizer, packed, out, **kwargs)
+
+
+def _generate_kwargs(cfg: Config) -> dict:
+    return dict(
+        mode=cfg.cache.mode,
+        top_k=cfg.cache.top_k,
+        num_samples=cfg.cache.num_samples,
+        batch_size=cfg.cache.batch_size,
+        overwrite=cfg.cache.overwrite,
+        teacher_name=cfg.teacher.name,
+        seed=cfg.seed,
+    )
+
+
+def _check_teacher_context(cfg: Config) -> None:
+    """data.seq_len within the teacher's context, from its config file (before any data or weights)."""
+    config = config_or_none(cfg.teacher.name, cfg.teacher.trust_remote_code)
+    if config is not None:
+        check_context(config, cfg.data.seq_len, f"teacher {cfg.teacher.name}")
+
+
+def _reusable(out: Path, cfg: Config, packed, kwargs: dict) -> bool:
+    """True if ``out`` already holds a complete cache of exactly this configuration
+    (checked from the teacher's config file, without loading its weights)."""
+    if not (out / MANIFEST).is_file():
+        return False
+    try:
+        config = config_or_none(cfg.teacher.name, cfg.teacher.trust_remote_code)
+        if config is None:
+            return False
+        manifest = load_manifest(out)
+        want = cache_identity(
+            packed, vocab_size=int(config.vocab_size), teacher_fp=config_fingerprint(config),
+            **{k: kwargs[k] for k in _IDENTITY_ARGS},
+        )
+    except Exception:  # noqa: BLE001 - any doubt: take the full path, which loads the teacher and checks properly
+        return False
+    if not manifest.get("complete") or identity_diff(manifest_identity(manifest), want):
+        return False
+    verify_shards(out, manifest, checksums=False)
+    if rank_world()[0] == 0:
+        print(f"teacher cache {out} is complete; nothing to do", file=sys.stderr)
+    return True
+
+
+def _default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
