@@ -109,10 +109,6 @@ class CompressedExperts(nn.Module):
             B, A = B[expert], A[expert]
         return self.core(proj) + B @ A
 
-    def _low_rank(self, x: torch.Tensor, proj: str, e: int) -> torch.Tensor:
-        B, A = self.wrapper(proj)
-        return F.linear(F.linear(x, A[e]), B[e])
-
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
@@ -120,11 +116,22 @@ class CompressedExperts(nn.Module):
         # The core's share of gate and up, once per token for all experts.
         core_gate_up = F.linear(hidden_states, torch.cat([self.shared_core_gate, self.shared_core_up]))
         # Routing-weighted sum over a token's experts of act(gate) * up; C_down is applied to it once.
+        # Sums are kept in the dtype of hidden_states (fp32 under autocast, like the originals'
+        # output); under autocast the matmuls return bf16/fp16, cast on the way in.
         mixed = hidden_states.new_zeros(hidden_states.shape[0], I)
         out = torch.zeros_like(hidden_states)
         with torch.no_grad():
             expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
             expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+        # One view per expert, made once: indexing the stacked [E, ...] factor per expert would
+        # give every slice's backward a zero gradient the size of the whole stack (cost ~E^2);
+        # unbind's backward stacks the E gradients once.
+        factors = {p: [t.unbind(0) for t in self.wrapper(p)] for p in PROJECTIONS} if self.rank > 0 else None
+
+        def low_rank(x, proj, e):
+            B, A = factors[proj]
+            return F.linear(F.linear(x, A[e]), B[e])
+
         for expert_idx in expert_hit:
             e = int(expert_idx[0])
             if e == self.num_experts:
@@ -134,13 +141,13 @@ class CompressedExperts(nn.Module):
             gate = core_gate_up[token_idx, :I]
             up = core_gate_up[token_idx, I:]
             if self.rank > 0:
-                gate = gate + self._low_rank(x, "gate", e)
-                up = up + self._low_rank(x, "up", e)
+                gate = gate + low_rank(x, "gate", e)
+                up = up + low_rank(x, "up", e)
             h = self.act_fn(gate) * up
             h = h * top_k_weights[token_idx, top_k_pos, None].to(h.dtype)
-            mixed.index_add_(0, token_idx, h)
+            mixed.index_add_(0, token_idx, h.to(mixed.dtype))
             if self.rank > 0:
-                out.index_add_(0, token_idx, self._low_rank(h, "down", e).to(out.dtype))
+                out.index_add_(0, token_idx, low_rank(h, "down", e).to(out.dtype))
         return out + F.linear(mixed, self.shared_core_down).to(out.dtype)
 
 
