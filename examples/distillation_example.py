@@ -19,6 +19,7 @@ from moedistill.config import load_config
 from moedistill.losses import distillation_loss
 from moedistill.models import get_model
 from moedistill.stages import plan_stages, run_stages
+from moedistill.targets import eval_kl_key
 from moedistill.trainer import collate
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -59,8 +60,7 @@ result = run_stages(
 
 # 6. Results: validation metrics before/after, and the log with a global step and the stage of each entry.
 before, after = result["initial_eval"], result["final_eval"]
-# (a top-k eval cache gives the KL's tail-bucket lower bound: eval_kl_lower_bound)
-kl = "eval_kl_lower_bound"
+kl = eval_kl_key(after)  # which KL: eval_kl_lower_bound from a top-k eval cache (docs/DISTILLATION.md)
 print(f"validation KL to the teacher (lower bound): {before[kl]:.4f} -> {after[kl]:.4f}")
 print(f"validation perplexity:        {before['eval_perplexity']:.2f} -> {after['eval_perplexity']:.2f}")
 log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]

@@ -15,6 +15,8 @@ is its ``__init__.py``). An edge ``M -> T`` means "running M may run T". The who
 inside functions, methods, classes, ``if``/``try`` blocks and a package's lazy module-level ``__getattr__``
 all count. Imports under ``if TYPE_CHECKING:`` (or ``typing.TYPE_CHECKING``) are skipped: that body never
 runs (its ``else:`` does, and is walked). ``importlib.import_module("pkg.x")`` with a literal counts too.
+Not seen: ``__import__(...)`` and ``importlib.import_module`` with a computed name (moedistill uses
+neither; a name that is only known at run time cannot be checked from the source).
 
 Which edges an import gives (``pkg`` is the top package):
 
@@ -133,7 +135,9 @@ def scan(root: Path) -> tuple[Graph, Sites]:
                 if inside and not (reads_name and dst == target):
                     continue
                 graph[name].add(dst)
-                sites.setdefault((name, dst), []).append(f"{where}:{line}")
+                at = sites.setdefault((name, dst), [])
+                if f"{where}:{line}" not in at:  # `from x import a, b` gives one site, not two
+                    at.append(f"{where}:{line}")
     return graph, sites
 
 

@@ -22,6 +22,12 @@ def test_both_shipped_configs_validate():
     assert isinstance(tiny, Config) and tiny.teacher.name == "tiny"
 
 
+def test_metric_for_best_model_accepts_what_evaluation_reports():
+    for name in ("eval_kl_lower_bound", "kl_lower_bound", "eval_loss", "perplexity"):
+        cfg = load_config("tiny", [f"+training.metric_for_best_model={name}"])
+        assert cfg.training["metric_for_best_model"] == name
+
+
 def test_overrides_apply():
     cfg = load_config("tiny", ["loss.alpha=0.7", "cache.top_k=8", "data.seq_len=64"])
     assert (cfg.loss.alpha, cfg.cache.top_k, cfg.data.seq_len) == (0.7, 8, 64)
@@ -41,6 +47,8 @@ def test_overrides_apply():
         ("param_groups.rules=[{pattern: '(['}]", "is not a valid regex"),
         ("loss.tail=bogus", "must be renormalize, tail or sample"),
         ("loss.alpha=abc", "must be a number"),
+        # the pre-rename name of the KL: refused before training, not at the first best-model check
+        ("+training.metric_for_best_model=eval_kl", "use one of eval_loss, eval_ce, eval_kl_lower_bound"),
     ],
 )
 def test_bad_values_raise_one_line(override, needle):

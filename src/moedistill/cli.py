@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
         if name == "export":
             sp.add_argument("checkpoint", help="compressed checkpoint directory (e.g. .../checkpoint-0)")
             sp.add_argument("output", help="where to write the plain HF checkpoint")
-            sp.add_argument("--dtype", default=None, help="save dtype (float32, bfloat16, float16)")
+            sp.add_argument("--dtype", default=None, help="save dtype (float32, bfloat16, float16, auto)")
             continue
         sp.add_argument("--config-name", "-c", default="tiny",
                         help="config in conf/distillation or a YAML path (default: tiny)")
@@ -72,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def expand_sweep(overrides: list[str]) -> list[list[str]]:
     """``["a=1,2", "b=x"]`` -> ``[["a=1","b=x"], ["a=2","b=x"]]`` using Hydra's override grammar."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.overrides_parser import OverridesParser  # lazy: only for -m sweeps
 
     parser = OverridesParser.create()
     try:

@@ -303,10 +303,13 @@ def validate(cfg: Config) -> Config:
 
 # keys we set ourselves from other sections; a user setting them in `training` would be ignored
 _OWNED_TRAINING_KEYS = {"output_dir", "remove_unused_columns"}
+# what DistillationTrainer.evaluate reports during `moedistill train` (its eval cache is top-k,
+# so the KL is the tail-bucket lower bound; see moedistill.targets.KL_NAMES)
+EVAL_METRICS = ("eval_loss", "eval_ce", "eval_kl_lower_bound", "eval_perplexity")
 
 
 def _validate_training(training: dict):
-    from transformers import TrainingArguments
+    from transformers import TrainingArguments  # lazy: the CLI validates before anything heavy loads
 
     known = {f.name for f in dataclasses.fields(TrainingArguments)}
     for key in training:
@@ -320,6 +323,11 @@ def _validate_training(training: dict):
             )
     lr = training.get("learning_rate")
     _check(lr is None or float(lr) >= 0, f"training.learning_rate={lr} must be >= 0")
+    best = training.get("metric_for_best_model")
+    if best is not None:  # transformers would fail on it only at the first best-model check, mid-run
+        name = best if str(best).startswith("eval_") else f"eval_{best}"
+        _check(name in EVAL_METRICS, f"training.metric_for_best_model={best} is not a metric the evaluation "
+                                     f"reports; use one of {', '.join(EVAL_METRICS)}")
 
 
 # --------------------------------------------------------------------------- loading
@@ -331,9 +339,9 @@ def available_configs() -> list[str]:
 
 def load_config(name: str = "tiny", overrides: list[str] | None = None) -> Config:
     """Compose ``conf/distillation/<name>.yaml`` (or a path to a YAML) with Hydra overrides."""
-    from hydra import compose, initialize_config_dir
+    from hydra import compose, initialize_config_dir  # lazy: hydra loads only when a config is read (not for --help)
     from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf
+    from omegaconf import OmegaConf  # lazy, as above
 
     overrides = list(overrides or [])
     path = Path(name)
@@ -362,6 +370,6 @@ def load_config(name: str = "tiny", overrides: list[str] | None = None) -> Confi
 
 
 def dump_yaml(cfg: Config) -> str:
-    from omegaconf import OmegaConf
+    from omegaconf import OmegaConf  # lazy: hydra/omegaconf load only when a config is read
 
     return OmegaConf.to_yaml(OmegaConf.create(cfg.to_dict()))

@@ -98,7 +98,7 @@ def _read_jsonl(path: Path, text_field: str) -> list[str]:
 
 
 def _read_parquet(path: Path, text_field: str) -> list[str]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # lazy: only for .parquet sources
 
     table = pq.read_table(path)
     if text_field not in table.column_names:
@@ -145,7 +145,7 @@ def load_texts(
 
 
 def _load_hub(dataset: str, config: str | None, split: str, text_field: str, max_samples: int | None) -> list[str]:
-    import datasets
+    import datasets  # lazy: only for hub datasets (slow to import)
 
     sel = split if max_samples is None else f"{split}[:{max_samples}]"
     try:

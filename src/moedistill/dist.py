@@ -23,7 +23,7 @@ def launched_rank() -> int:
 def _initialized():
     if "torch" not in sys.modules:  # nothing can have set up a process group
         return None
-    import torch.distributed as dist
+    import torch.distributed as dist  # only reached once torch is loaded (checked above)
 
     return dist if dist.is_available() and dist.is_initialized() else None
 

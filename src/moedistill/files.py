@@ -70,6 +70,21 @@ def atomic_write_json(path, obj, indent: int = 1) -> None:
     atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
 
 
+@contextlib.contextmanager
+def atomic_dir(path) -> Iterator[Path]:
+    """``with atomic_dir(p) as tmp:`` fill the directory ``tmp`` (e.g. ``save_pretrained(tmp)``);
+    on success it replaces ``p`` (:func:`replace_dir`); on an exception ``p`` is untouched and
+    ``tmp`` is left for the next attempt to clear. One process only: ranks that must all
+    write one directory share a fixed temporary name and call :func:`replace_dir` themselves."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    yield tmp
+    replace_dir(tmp, path)
+
+
 def replace_dir(tmp, path) -> None:
     """Move the finished directory ``tmp`` to ``path``, replacing what was there.
 

@@ -68,7 +68,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from moedistill.errors import UserError
-from moedistill.targets import DenseTargets, SampledTargets, Targets, TopKTargets
+from moedistill.targets import DenseTargets, SparseTargets, Targets
 
 IGNORE_INDEX = -100
 TAIL_MODES = ("renormalize", "tail", "sample")
@@ -114,7 +114,7 @@ def teacher_loss(
             student_logits, targets.logits, labels, alpha=alpha, temperature=temperature,
             num_items_in_batch=num_items_in_batch, chunk_size=chunk_size,
         )
-    if not isinstance(targets, (TopKTargets, SampledTargets)):
+    if not isinstance(targets, SparseTargets):
         raise TypeError(f"targets must be TopKTargets, SampledTargets or DenseTargets, got {type(targets).__name__}")
     return distillation_loss(
         student_logits, labels, targets.ids, targets.logprobs, alpha=alpha, temperature=temperature, tail=tail,

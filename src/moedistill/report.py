@@ -48,7 +48,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 def plot_losses(curves: dict[str, list[dict]], boundaries: dict[str, list[tuple[int, str]]], path: Path) -> Path:
     """ce_loss and kl_loss over optimizer steps, one line per run, stage boundaries dashed."""
-    import matplotlib
+    import matplotlib  # lazy: only when a plot is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -79,7 +79,7 @@ def plot_losses(curves: dict[str, list[dict]], boundaries: dict[str, list[tuple[
 
 
 def plot_perplexity(rows: list[dict], path: Path) -> Path:
-    import matplotlib
+    import matplotlib  # lazy: only when a plot is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -198,14 +198,39 @@ def find_checkpoint(run_dir: Path, resume: str, stages: list[Stage]) -> tuple[St
     return stage, path, int(state.get("global_step", 0))
 
 
+def read_log(run_dir) -> list[dict]:
+    """The entries of ``<run_dir>/log.jsonl``, oldest first ([] if there is none).
+
+    The log is appended one line per entry (``StageCallback.on_log``), so a crash in the
+    middle of a write can leave its last line cut short: that line is dropped."""
+    path = Path(run_dir) / LOG_FILE
+    if not path.is_file():
+        return []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    entries = []
+    for i, line in enumerate(lines):
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise UserError(f"{path} line {i + 1} is not JSON: the log was edited or damaged; "
+                            f"restore it or start the run afresh") from None
+    return entries
+
+
+def initial_eval(history: list[dict]) -> dict | None:
+    """The ``eval_*`` metrics logged at step 0 (a fresh run's starting point), or None."""
+    return next(({k: v for k, v in e.items() if k.startswith("eval_")}
+                 for e in history if e.get("step") == 0 and eval_kl_key(e)), None)
+
+
 def _trim_log(run_dir: Path, upto_step: int) -> None:
     """Drop log entries past ``upto_step`` (logged by the interrupted run after the checkpoint)."""
-    path = run_dir / LOG_FILE
-    if not path.is_file():
+    if not (run_dir / LOG_FILE).is_file():
         return
-    lines = path.read_text().splitlines()
-    keep = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= upto_step]
-    atomic_write_text(path, "".join(line + "\n" for line in keep))
+    keep = [e for e in read_log(run_dir) if e.get("step", 0) <= upto_step]
+    atomic_write_text(run_dir / LOG_FILE, "".join(json.dumps(e) + "\n" for e in keep))
 
 
 def _clear_previous(run_dir: Path, stages: list[Stage]) -> None:
@@ -385,15 +410,17 @@ def _stage_trainer(model, st: Stage, args, run_dir: Path, *, eval_on_start: bool
 
 def _first_eval(log_history: list[dict]) -> dict:
     """The step-0 evaluation of a fresh run (``eval_*`` metrics), logged."""
-    m = next({k: v for k, v in e.items() if k.startswith("eval_")} for e in log_history if eval_kl_key(e))
-    logger.info("validation before training: KL to the teacher %.4f, CE %.4f, perplexity %.2f",
-                m[eval_kl_key(m)], m["eval_ce"], m["eval_perplexity"])
+    m = initial_eval(log_history)
+    kl = eval_kl_key(m)
+    logger.info("validation before training: %s to the teacher %.4f, CE %.4f, perplexity %.2f",
+                kl.removeprefix("eval_"), m[kl], m["eval_ce"], m["eval_perplexity"])
     return m
 
 
 def _save_final(trainer, run_dir: Path) -> Path:
     """``final/``, whole or absent: every process saves into ``final.tmp`` (sharded engines need
-    all of them), then rank 0 renames it into place. A crash mid-save leaves final.tmp."""
+    all of them, hence one fixed name and not ``files.atomic_dir``), then rank 0 renames it
+    into place. A crash mid-save leaves final.tmp."""
     final, tmp = run_dir / FINAL_DIR, run_dir / (FINAL_DIR + ".tmp")
     if trainer.args.should_save:
         shutil.rmtree(tmp, ignore_errors=True)

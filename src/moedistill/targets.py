@@ -31,18 +31,15 @@ PAD_LOGPROB = float("-inf")  # target_logprobs at padding
 PAD_COUNT = 0  # target_counts at padding (and on disk: count 0 marks padding)
 
 IDS, LOGPROBS, COUNTS = "target_ids", "target_logprobs", "target_counts"
-KEYS = (IDS, LOGPROBS, COUNTS)
 PAD_VALUES = {IDS: PAD_ID, LOGPROBS: PAD_LOGPROB, COUNTS: PAD_COUNT}
 
 
 @dataclass(frozen=True)
-class TopKTargets:
+class SparseTargets:
     """``ids`` int64 [..., W] (PAD_ID at padding), ``logprobs`` float32 [..., W] (PAD_LOGPROB)."""
 
     ids: torch.Tensor
     logprobs: torch.Tensor
-
-    kind = "topk"
 
     @property
     def valid(self) -> torch.Tensor:
@@ -51,18 +48,19 @@ class TopKTargets:
 
 
 @dataclass(frozen=True)
-class SampledTargets:
-    """As ``TopKTargets``, plus ``counts`` [..., W]: draws of each id (PAD_COUNT at padding)."""
+class TopKTargets(SparseTargets):
+    """The W most probable ids per position, sorted by log-prob, descending."""
 
-    ids: torch.Tensor
-    logprobs: torch.Tensor
+    kind = "topk"
+
+
+@dataclass(frozen=True)
+class SampledTargets(SparseTargets):
+    """The distinct ids of N draws, plus ``counts`` [..., W]: draws of each id (PAD_COUNT at padding)."""
+
     counts: torch.Tensor
 
     kind = "sample"
-
-    @property
-    def valid(self) -> torch.Tensor:
-        return self.ids >= 0
 
 
 @dataclass(frozen=True)

@@ -164,7 +164,8 @@ def compression_kwargs(name: str, codec: str = DEFAULT_CODEC, level: int = DEFAU
 
 
 def to_dense(target_ids, target_logprobs, vocab_size: int, fill: float | str = float("-inf")):
-    """Rebuild full-vocabulary teacher log-probs from sparse targets (the seed's path).
+    """Rebuild full-vocabulary teacher log-probs from sparse targets (what the original
+    prototype fed its loss; here for tests and inspection).
 
     MEMORY-HUNGRY: the result is ``[..., vocab_size]`` float32 -- for one 4096-token
     sequence of a 151,936-token vocabulary that is 2.5 GB. The loss never needs it (it

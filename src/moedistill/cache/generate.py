@@ -67,6 +67,12 @@ _KILL_ENV = "MOEDISTILL_TEST_KILL_AFTER_PARTS"  # tests: SIGKILL this process af
 # --------------------------------------------------------------------------- entry point
 
 
+def report_complete(out: Path) -> None:
+    """Say (once, on rank 0) that the cache at ``out`` is complete and is used as it is."""
+    if rank_world()[0] == 0:
+        print(f"teacher cache {out} is complete; nothing to do", file=sys.stderr)
+
+
 def generate_cache(
     teacher,
     tokenizer,
@@ -114,8 +120,7 @@ def generate_cache(
     # 1. every rank reads the existing directory and decides the same way
     state = _check_existing(out, identity, overwrite)
     if state == "complete":
-        if rank == 0:
-            print(f"teacher cache {out} is complete; nothing to do", file=sys.stderr)
+        report_complete(out)
         return out
     # 2. once every rank has read it, rank 0 prepares the directory; the others wait
     barrier()

@@ -9,12 +9,11 @@ teacher's config file, the tokenizer and the packed data alone.
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import torch
 
-from moedistill.cache.generate import cache_identity, generate_cache, rank_world
+from moedistill.cache.generate import cache_identity, generate_cache, report_complete
 from moedistill.cache.layout import MANIFEST, identity_diff, load_manifest, manifest_identity
 from moedistill.cache.reader import verify_shards
 from moedistill.commands import common  # called qualified, so patching common.X reaches every verb
@@ -96,8 +95,7 @@ def _reusable(out: Path, cfg: Config, packed, kwargs: dict) -> bool:
     if not manifest.get("complete") or identity_diff(manifest_identity(manifest), want):
         return False
     verify_shards(out, manifest, checksums=False)
-    if rank_world()[0] == 0:
-        print(f"teacher cache {out} is complete; nothing to do", file=sys.stderr)
+    report_complete(out)
     return True
 
 

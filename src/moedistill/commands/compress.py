@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 from transformers import AutoConfig
@@ -31,7 +30,7 @@ from moedistill.compression.init import (
 from moedistill.compression.report import REPORT_SEQUENCES, VARIANTS, build_report, write_report
 from moedistill.config import Config
 from moedistill.errors import UserError
-from moedistill.files import replace_dir
+from moedistill.files import atomic_dir
 from moedistill.models import config_or_none, resolve
 
 SETTINGS_VERSION = 1  # bump when the initialisation changes so old checkpoint-0s are not reused
@@ -171,11 +170,7 @@ def compress_from_config(cfg: Config) -> Path:
 
 def _save(student, tokenizer, ckpt: Path) -> None:
     """Write into a temporary sibling and rename, so a crash never leaves a checkpoint that looks complete."""
-    tmp = ckpt.with_name(ckpt.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    student.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    replace_dir(tmp, ckpt)
+    with atomic_dir(ckpt) as tmp:
+        student.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)

@@ -22,7 +22,6 @@ The run directory holds ``stages.json``, ``log.jsonl``, the stage checkpoints, `
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 from pathlib import Path
@@ -39,7 +38,7 @@ from moedistill.errors import UserError
 from moedistill.files import atomic_write_json
 from moedistill.integrity import check_context, check_vocab, config_vocab, output_vocab, verify_checkpoint
 from moedistill.models import config_or_none
-from moedistill.stages import LOG_FILE, check_stages, plan_stages, run_stages
+from moedistill.stages import check_stages, initial_eval, plan_stages, read_log, run_stages
 from moedistill.targets import eval_kl_key
 
 logger = logging.getLogger(__name__)
@@ -161,13 +160,9 @@ def train_from_config(
         model, stages, args, run_dir, train_dataset=train_ds, eval_dataset=eval_ds, resume=resume,
         processing_class=tokenizer,
     )
-    log = run_dir / LOG_FILE
-    history = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.is_file() else []
+    history = read_log(run_dir)
     # a resumed run finds its starting point in the log (the step-0 evaluation)
-    initial = out.get("initial_eval") or next(
-        ({k: v for k, v in e.items() if k.startswith("eval_")} for e in history if e["step"] == 0 and eval_kl_key(e)),
-        None,
-    )
+    initial = out.get("initial_eval") or initial_eval(history)
     result = {
         "run_dir": str(run_dir),
         "final_dir": out["final_model"],

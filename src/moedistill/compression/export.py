@@ -10,7 +10,6 @@ the compression for compatibility.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import torch
@@ -19,7 +18,7 @@ from torch import nn
 from moedistill.compression.init import copy_non_experts, finish_transplant
 from moedistill.compression.modeling_moedistill import ARCHITECTURES, CompressedExperts, find_moe_blocks
 from moedistill.errors import UserError
-from moedistill.files import replace_dir
+from moedistill.files import atomic_dir
 from moedistill.models import get_model, load_tokenizer, parse_dtype
 
 
@@ -90,14 +89,12 @@ def export_checkpoint(ckpt, out, dtype=None) -> Path:
     student, _ = get_model(str(ckpt), with_tokenizer=False)
     _plain_classes(student)  # a clear error before any work if this is not ours
     dense = to_plain_model(student, dtype=parse_dtype(dtype))
-    tmp = out.with_name(out.name + ".tmp")  # whole or absent: a crash mid-export leaves only <out>.tmp
-    shutil.rmtree(tmp, ignore_errors=True)
-    dense.save_pretrained(tmp)
-    if any((Path(ckpt) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-        load_tokenizer(str(ckpt)).save_pretrained(tmp)
-    else:
-        print(f"[export] no tokenizer in {ckpt}; copy one into {out} before serving")
-    replace_dir(tmp, out)
+    with atomic_dir(out) as tmp:  # whole or absent: a crash mid-export leaves only <out>.tmp
+        dense.save_pretrained(tmp)
+        if any((Path(ckpt) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            load_tokenizer(str(ckpt)).save_pretrained(tmp)
+        else:
+            print(f"[export] no tokenizer in {ckpt}; copy one into {out} before serving")
     n_student = sum(p.numel() for p in student.parameters())
     n_dense = sum(p.numel() for p in dense.parameters())
     print(f"[export] {ckpt} -> {out}: {type(dense).__name__}, {n_student:,} -> {n_dense:,} parameters, "

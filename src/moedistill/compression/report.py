@@ -223,7 +223,7 @@ def markdown(report: dict) -> str:
 
 def plot(report: dict, path: Path) -> None:
     """PNG: perplexity and KL vs expert compression ratio per variant; per-layer reconstruction error."""
-    import matplotlib
+    import matplotlib  # lazy: only when a plot is drawn
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
