@@ -16,7 +16,7 @@ $(BIN)/moedistill: pyproject.toml
 setup: $(BIN)/moedistill
 
 demo: setup
-	$(BIN)/moedistill run
+	$(BIN)/moedistill run --overwrite  # a second `make demo` reruns the students; checkpoint-0 and the caches are reused
 
 test: setup
 	$(BIN)/python -m pytest

@@ -85,6 +85,7 @@ def build_config(args):
 
 
 def main(argv=None) -> int:
+    from moedistill import signals
     from moedistill.dist import shutdown
     from moedistill.errors import UserError
 
@@ -92,10 +93,15 @@ def main(argv=None) -> int:
     try:
         from moedistill.commands.cache import generate_from_config
 
-        path = generate_from_config(build_config(args))
+        with signals.handling():  # SIGTERM / SIGINT: the batches computed are written, then one line
+            path = generate_from_config(build_config(args))
         shutdown()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        shutdown(wait=False)
+        return e.exit_code
+    except signals.Interrupted as e:
+        print(f"{signals.fresh_line()}{e}; rerun the same command to go on from there", file=sys.stderr, flush=True)
         shutdown(wait=False)
         return e.exit_code
     print(path)

@@ -319,3 +319,21 @@ def test_identity_diff_lists_changes():
     diff = identity_diff(a, b)
     assert ("mode: cache has topk, this run has sample" in diff
             and "fingerprints.data: cache has x, this run has y" in diff)
+
+
+@pytest.mark.parametrize("edit, needle", [
+    ({"k": 3}, "k=3 does not match the stored targets"),  # would silently keep 3 of the stored ids
+    ({"k": 10**6}, "k=1000000 does not match the stored targets"),
+    ({"width": "64"}, "'width' is \"64\", not a int"),
+    ({"shards": None}, "'shards' is null, not a list"),
+])
+def test_hand_edited_manifest_is_refused_in_one_line(topk_cache, tmp_path, edit, needle):
+    import shutil
+
+    d = shutil.copytree(topk_cache, tmp_path / "cache")
+    m = json.loads((d / "manifest.json").read_text())
+    (d / "manifest.json").write_text(json.dumps({**m, **edit}))
+    for call in (lambda: open_cache(d), lambda: inspect_cache(d)):
+        with pytest.raises(UserError) as e:
+            call()
+        assert needle in str(e.value) and "\n" not in str(e.value)

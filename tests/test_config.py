@@ -85,3 +85,11 @@ def test_multirun_expands_sweeps():
 
     runs = expand_sweep(["loss.alpha=0.3,0.7", "cache.top_k=8"])
     assert runs == [["loss.alpha=0.3", "cache.top_k=8"], ["loss.alpha=0.7", "cache.top_k=8"]]
+
+
+def test_every_sweep_point_gets_its_own_directory():
+    from moedistill.cli import expand_sweep, sweep_dir_name
+
+    points = expand_sweep(["compress.report_ranks=[1,2],[3]", "loss.alpha=0.5"])
+    names = [sweep_dir_name(p) for p in points]
+    assert len(set(names)) == len(points) == 2 and "compress.report_ranks=[1,2],loss.alpha=0.5" in names

@@ -105,3 +105,19 @@ def test_max_sequences_equals_truncating_the_full_packing(tiny_tokenizer):
     part = prepare(tiny_tokenizer, "tiny", split="validation", seq_len=64, max_sequences=10)
     np.testing.assert_array_equal(part.blocks, full.blocks[:10])
     assert part.stream_hash == stream_hash(full.blocks[:10])
+
+
+def test_bad_records_are_one_line_errors_and_null_text_is_skipped(tmp_path):
+    (tmp_path / "ok.jsonl").write_text('{"text": "in the beginning"}\n{"text": null}\n{"text": "and the earth"}\n')
+    with pytest.warns(UserWarning, match="1 record\\(s\\) with a null text field skipped"):
+        assert load_texts(str(tmp_path / "ok.jsonl")) == ["in the beginning", "and the earth"]  # never "None"
+    cases = {
+        "list.jsonl": (b'["a"]\n', "list.jsonl:1 is a JSON list, not an object"),
+        "number.jsonl": (b'{"text": "a"}\n{"text": 7}\n', "number.jsonl:2: the text field holds int"),
+        "latin1.txt": (b"first\n\ncaf\xe9\n", "latin1.txt:3 is not UTF-8 text"),
+    }
+    for name, (raw, needle) in cases.items():
+        (tmp_path / name).write_bytes(raw)
+        with pytest.raises(UserError) as e:
+            load_texts(str(tmp_path / name))
+        assert needle in str(e.value) and "\n" not in str(e.value)

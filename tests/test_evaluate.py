@@ -3,9 +3,11 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
+from moedistill.errors import UserError
 from moedistill.evaluate import _kl_sparse, evaluate_model
 from moedistill.targets import TopKTargets
 
@@ -89,3 +91,12 @@ def test_evaluating_models_together_equals_one_at_a_time():
         single = evaluate_model(m, x, teacher=t, batch_size=3)
         for key in ("perplexity", "kl_exact", "agreement", "ece"):
             assert math.isclose(both[name][key], single[key], rel_tol=1e-9), key
+
+
+def test_damaged_weights_are_an_error_not_an_infinite_perplexity():
+    model = _small_moe()
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")  # e.g. a corrupted final/ that still loads
+    x = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(4)).numpy()
+    with pytest.raises(UserError, match="gives non-finite log-probabilities"):
+        evaluate_model(model, x, teacher=_small_moe(1))

@@ -82,7 +82,11 @@ def test_second_run_reuses_checkpoint_and_caches(run_dir):
 
     before = stamp()
     assert len(before) >= 3
-    _cli("run", f"output_dir={run_dir}", *SMALL)
+    # without --overwrite the finished students are not replaced: refused before any work
+    r = subprocess.run([sys.executable, "-m", "moedistill.cli", "run", f"output_dir={run_dir}", *SMALL],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "holds an earlier run" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
+    _cli("run", "--overwrite", f"output_dir={run_dir}", *SMALL)
     assert stamp() == before
 
 

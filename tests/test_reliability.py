@@ -447,16 +447,29 @@ def _cases(w):
         ("cache-of-other-data", "cache", ["data.max_sequences=12"], "holds a different teacher cache"),
         ("cache-of-another-tokenizer", "cache", [f"teacher.name={w.root / 'other-tokenizer'}"],
          "fingerprints.tokenizer"),
-        ("no-overwrite", "cache", ["cache.top_k=4"], "pass --overwrite (cache.overwrite=true)"),
+        ("no-overwrite", "cache", ["cache.top_k=4"], "pass cache.overwrite=true (`moedistill cache --overwrite`)"),
         ("dir-holds-other-files", "cache", [f"cache.dir={w.root / 'foreign'}"],
          "is not empty and holds no teacher cache"),
         ("student-lacks-ids", "train", [f"student.name={w.small_student}"],
          f"has a vocabulary of {w.vocab} ids but the student {w.small_student} only {w.vocab // 4}"),
+        # the values that once passed validation and failed after the earlier run was cleared
+        ("seed<0", "train", ["seed=-1"], "seed=-1 must be in [0, 2**32)"),
+        ("temperature=inf", "train", ["loss.temperature=inf"], "loss.temperature=inf must be > 0 and finite"),
+        ("learning_rate=inf", "train", ["training.learning_rate=inf"], "training.learning_rate=inf must be finite"),
+        ("max_steps-with-stages", "train", ["+training.max_steps=3"], "training.max_steps does not apply"),
+        ("eval.max_sequences<1", "train", ["eval.max_sequences=-1"], "eval.max_sequences=-1 must be >= 1"),
+        ("earlier-run", "train", ["overwrite=false"],
+         "holds an earlier run (final/ and 4 checkpoint(s)); pass --resume"),
+        # eval --cache is checked like train's caches: here the training split's cache, not the eval split's
+        ("eval-cache-of-train-split", "eval", ["--cache", str(w.ref / "cache" / "topk"), "--model",
+                                               str(w.ref / RUN / "final")], "holds other data (tiny::train)"),
+        # a mistyped output_dir: stops before compression and caching (nothing appears under it)
+        ("resume-in-empty-dir", "train", ["--resume"], "no checkpoint to resume from in"),
     ]
 
 
 CASE_IDS = [c[0] for c in _cases(SimpleNamespace(vocab=0, data_dir=Path(), teacher="", teacher2="", root=Path(),
-                                                  small_student=""))]
+                                                  ref=Path(), small_student=""))]
 
 
 @pytest.mark.parametrize("case", CASE_IDS)
@@ -470,7 +483,10 @@ def test_bad_input_is_one_line_exit_2_nothing_touched(world, capsys, case):
         tok.add_tokens(["<extra-token>"])
         tok.save_pretrained(d)
     _, command, extra, needle = next(c for c in _cases(world) if c[0] == case)
-    argv = [command, *overrides(world, world.ref, *extra)]
+    # every train case but one overwrites the reference run: each check must fire before anything is cleared
+    flag = ["--overwrite"] if command == "train" and case not in ("earlier-run", "resume-in-empty-dir") else []
+    out = world.root / "typo" if case == "resume-in-empty-dir" else world.ref
+    argv = [command, *flag, *overrides(world, out, *extra)]
     if case == "cache-of-another-teacher" or case == "cache-of-another-tokenizer":
         argv.append(f"cache.dir={world.ref / 'cache' / 'topk'}")  # the name alone would pick another directory
     line = refused(capsys, argv, world.root)
@@ -494,11 +510,11 @@ def test_truncated_or_corrupted_shard_stops_train_and_inspect(world, tmp_path, c
     shard = out / "cache" / "topk" / "shard-00000.h5"
     good = shard.read_bytes()
     shard.write_bytes(good[:-100])
-    assert "shard-00000.h5 is truncated" in refused(capsys, ["train", *overrides(world, out)], out)
+    assert "shard-00000.h5 is truncated" in refused(capsys, ["train", "--overwrite", *overrides(world, out)], out)
     flipped = bytearray(good)
     flipped[len(good) // 2] ^= 0xFF
     shard.write_bytes(bytes(flipped))
-    assert "shard-00000.h5 is corrupted" in refused(capsys, ["train", *overrides(world, out)], out)
+    assert "shard-00000.h5 is corrupted" in refused(capsys, ["train", "--overwrite", *overrides(world, out)], out)
     assert "shard-00000.h5 is corrupted" in refused(capsys, ["inspect", str(shard.parent), "--verify"], out)
 
 

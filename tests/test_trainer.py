@@ -263,9 +263,9 @@ def _two_stage_config():
     )
 
 
-def _run(data, run_dir, tmp_path, resume=None, callbacks=()):
-    cfg = _two_stage_config()
-    args = targs(tmp_path, save_strategy="steps", save_steps=2, warmup_steps=1)
+def _run(data, run_dir, tmp_path, resume=None, callbacks=(), cfg=None, **args_kw):
+    cfg = cfg or _two_stage_config()
+    args = targs(tmp_path, **{"save_strategy": "steps", "save_steps": 2, "warmup_steps": 1, **args_kw})
     student = tiny_moe(1)
     stages = plan_stages(cfg, args, len(data))
     out = run_stages(student, stages, args, run_dir, train_dataset=data, resume=resume, callbacks=list(callbacks))
@@ -335,6 +335,36 @@ def test_resume_from_any_checkpoint_gives_identical_weights(tmp_path, data):
     resumed, _ = _run(data, tmp_path / "c", tmp_path, resume=str(tmp_path / "c" / "02-full" / "checkpoint-2"))
     for n, p in params(resumed).items():
         assert torch.equal(p, ref[n]), n
+
+
+@pytest.mark.parametrize("ckpt", ["01-experts/checkpoint-3", "02-full/checkpoint-3"])
+def test_resume_from_a_stage_end_checkpoint_is_exact_with_a_constant_lr(tmp_path, data, ckpt):
+    """A checkpoint written at a stage's end, mid-epoch (3 steps of 2 per epoch): the stage is
+    over (a cosine schedule hides one extra step at lr 0; a constant one does not). The next
+    stage, or just final/, follows."""
+    cfg = _two_stage_config()
+    cfg.stages[0].max_steps = cfg.stages[1].max_steps = 3
+    kw = dict(lr_scheduler_type="constant", warmup_steps=0, cfg=cfg)
+    reference, _ = _run(data, tmp_path / "a", tmp_path, **kw)
+    ref = params(reference)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "final")
+    resumed, out = _run(data, tmp_path / "b", tmp_path, resume=str(tmp_path / "b" / ckpt), **kw)
+    for n, p in params(resumed).items():
+        assert torch.equal(p, ref[n]), n
+    assert out["final_model"] and (tmp_path / "b" / "final" / "model.safetensors").is_file()
+    steps = [e["step"] for e in map(json.loads, (tmp_path / "b" / "log.jsonl").read_text().splitlines()) if "loss" in e]
+    assert steps == list(range(1, 7))  # each step logged once: no extra step of the finished stage
+
+
+def test_resume_with_another_schedule_is_refused(tmp_path, data):
+    _run(data, tmp_path / "a", tmp_path)
+    before = sorted(p.name for p in (tmp_path / "a").rglob("*"))
+    cfg = _two_stage_config()
+    cfg.stages[1].max_steps = 6
+    with pytest.raises(UserError, match=r"another schedule \(stage 2: end_step was 8, now 10"):
+        _run(data, tmp_path / "a", tmp_path, resume="latest", cfg=cfg)
+    assert sorted(p.name for p in (tmp_path / "a").rglob("*")) == before
 
 
 class SnapshotAtSave(TrainerCallback):

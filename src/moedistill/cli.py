@@ -14,11 +14,16 @@ from __future__ import annotations
 import argparse
 import errno
 import itertools
+import shlex
+import signal
 import sys
+import time
 from pathlib import Path
 
-from moedistill.dist import launched_world, shutdown
+from moedistill import signals
+from moedistill.dist import launched_rank, launched_world, shutdown
 from moedistill.errors import UserError
+from moedistill.files import DiskFullError, is_disk_full
 
 COMMANDS = {
     "run": "compress -> cache (top-k and sampled) -> distill -> evaluate -> report, on one config",
@@ -60,12 +65,19 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--model", default=None, help="model to evaluate (default: the trained student)")
             sp.add_argument("--cache", default=None, help="teacher cache of the eval split (default: built as needed)")
             sp.add_argument("--output", default=None, help="write the metrics JSON here")
-        if name in ("cache", "train", "run"):
+        if name == "cache":
             sp.add_argument("--overwrite", action="store_true",
                             help="replace a cache of another configuration in the way (same as cache.overwrite=true)")
+        if name in ("train", "run"):
+            sp.add_argument("--overwrite", action="store_true",
+                            help="replace an earlier run's checkpoints and final/ (same as overwrite=true); "
+                                 "matching caches and checkpoint-0 are still reused")
         if name == "train":
             sp.add_argument("--resume", default=None, nargs="?", const="latest",
                             help="resume from a checkpoint directory, or the latest one with no value")
+        if name == "run":
+            sp.add_argument("--resume", action="store_true",
+                            help="go on after an interrupt: each training from its latest checkpoint")
         sp.add_argument("overrides", nargs="*", help="key=value overrides, e.g. loss.alpha=0.7")
     return p
 
@@ -89,6 +101,12 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     return [list(c) for c in itertools.product(*choices)] if choices else [[]]
 
 
+def sweep_dir_name(overrides: list[str]) -> str:
+    """The directory of one sweep point: all of its overrides, so that no two points share one
+    (list values such as ``compress.report_ranks=[1,2]`` included)."""
+    return (",".join(o.lstrip("+~") for o in overrides) or "base").replace("/", "_")
+
+
 # the commands that split their work over the processes of torchrun / accelerate launch
 MULTI_PROCESS = ("cache", "train", "config", "inspect")
 
@@ -103,11 +121,23 @@ def _check_launch(cmd: str) -> None:
         )
 
 
+def _check_output_dir(cfg) -> None:
+    """An output_dir (or cache.dir) that is a file stops a command at once, not at its first write."""
+    for key, path in (("output_dir", cfg.output_dir), ("cache.dir", cfg.cache.dir)):
+        for p in [Path(path), *Path(path).parents] if path else []:
+            if p.exists():
+                if not p.is_dir():
+                    raise UserError(f"{key}={path}: {p} is a file, not a directory; choose another {key}")
+                break
+
+
 def _dispatch(args, cfg):
     # Each verb's module is imported only when that verb runs: importing them all would load
     # torch and transformers (seconds) before `moedistill --help` or a config error could print.
     cmd = args.command
     _check_launch(cmd)
+    if cmd != "config":
+        _check_output_dir(cfg)
     if cmd == "config":
         from moedistill.config import dump_yaml
 
@@ -115,7 +145,7 @@ def _dispatch(args, cfg):
     elif cmd == "run":
         from moedistill.commands.run import run
 
-        run(cfg)
+        run(cfg, resume=args.resume)
     elif cmd == "cache":
         from moedistill.commands.cache import generate_from_config
 
@@ -135,10 +165,17 @@ def _dispatch(args, cfg):
 
 
 def main(argv: list[str] | None = None) -> int:
+    with signals.handling():  # SIGTERM / SIGINT: stop at a clean point and say how to go on (moedistill.signals)
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     if args.command is None:
         _parser().print_help()
         return 0
+    current = (getattr(args, "overrides", []), None)  # the overrides and config of the run in progress
+    started = time.time()
     try:
         if args.command == "inspect":  # lazy for start-up time, as in _dispatch
             from moedistill.cache import inspect_cache
@@ -154,37 +191,100 @@ def main(argv: list[str] | None = None) -> int:
         from moedistill.config import load_config  # lazy: hydra/omegaconf are not needed for --help
 
         resume = getattr(args, "resume", None)
-        if resume and "=" in resume and not Path(resume).exists():
+        if isinstance(resume, str) and "=" in resume and not Path(resume).exists():
             # `--resume key=value ...`: the optional value took the first override; it is one
             args.resume, args.overrides = "latest", [resume, *args.overrides]
         if getattr(args, "overwrite", False):
-            args.overrides = [*args.overrides, "cache.overwrite=true"]
+            flag = "cache.overwrite=true" if args.command == "cache" else "overwrite=true"
+            args.overrides = [*args.overrides, flag]
         runs = expand_sweep(args.overrides) if args.multirun else [args.overrides]
         for overrides in runs:
             cfg = load_config(args.config_name, overrides)
             if args.multirun:
-                tag = ",".join(o.lstrip("+~") for o in overrides if "," not in o) or "base"
-                cfg.output_dir = f"{cfg.output_dir}/sweep/{tag.replace('/', '_')}"
+                cfg.output_dir = f"{cfg.output_dir}/sweep/{sweep_dir_name(overrides)}"
                 print(f"[multirun] {' '.join(overrides)} -> {cfg.output_dir}", file=sys.stderr)
+            current = (overrides, cfg)
             _dispatch(args, cfg)
         shutdown()
     except UserError as e:
+        signals.end_progress_bars()  # closed now, not redrawn below the error line when collected
         print(f"error: {e}", file=sys.stderr)
         shutdown(wait=False)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except KeyboardInterrupt as e:  # Ctrl-C, and signals.Interrupted (SIGTERM, SIGINT)
+        if not (getattr(e, "everywhere", False) and launched_rank() != 0):  # said once for all processes
+            print(signals.fresh_line() + _interrupted_line(e, args, *current, started), file=sys.stderr, flush=True)
+        shutdown(wait=False)
+        return getattr(e, "exit_code", signals.exit_code(signal.SIGINT))
+    except Exception as e:  # a full disk, whichever library was writing (files.is_disk_full); else our bug
+        if isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            signals.end_progress_bars()
+            where = f" {e.filename}" if e.filename else ""
+            print(f"error: cannot write{where}: {e.strerror}; choose an output_dir (or cache.dir) you can write to",
+                  file=sys.stderr)
+            shutdown(wait=False)
+            return 2
+        if not is_disk_full(e):
             raise
         # writes are atomic (temporary file + rename, completion records last): what was cut short is not used
-        where = f" writing {e.filename}" if e.filename else ""
-        print(f"error: no space left on the device{where}; free space and rerun the same command "
-              f"(caches resume, training resumes with --resume)", file=sys.stderr)
+        signals.end_progress_bars()
+        print(f"error: {DiskFullError.from_exception(e)}", file=sys.stderr)
         shutdown(wait=False)
         return 2
     return 0
+
+
+def _interrupted_line(e: KeyboardInterrupt, args, overrides: list[str], cfg, started: float) -> str:
+    """``interrupted by SIGTERM <what was kept>; <the command that goes on from there>``.
+
+    ``started``: when this command started (a checkpoint older than that is an earlier run's)."""
+    signum = getattr(e, "signum", signal.SIGINT)
+    what = getattr(e, "what", "")  # set where the work stopped at a clean point (training, cache loop)
+    head = f"interrupted by {signals.signal_name(signum)}" + (f" {what}" if what else "")
+    cmd = args.command
+    if cmd not in ("train", "run", "cache"):
+        return f"{head}; nothing half-written is kept: rerun the same command"
+    checkpoint = getattr(e, "checkpoint", None)
+    if cmd == "train" and checkpoint is None and cfg is not None and not what:
+        from moedistill.stages import list_checkpoints  # stopped outside the training loop: the latest one
+
+        found = [p for _, p in list_checkpoints(Path(cfg.output_dir) / "train" / "topk")
+                 if (p / "checkpoint.json").stat().st_mtime >= started]
+        checkpoint = found[-1] if found else None
+    launch = " (launched as this one was, by torchrun or accelerate launch)" if launched_world() > 1 else ""
+    again = _continue_command(args, overrides, cfg, checkpoint, clean=bool(what))
+    if cmd == "train" and checkpoint is not None:
+        return f"{head}; resume{launch} with: {again}"
+    if cmd == "run":
+        return f"{head}; go on{launch} with: {again}"
+    return f"{head}; rerun{launch} to go on from there: {again}"
+
+
+def _continue_command(args, overrides: list[str], cfg, checkpoint=None, clean: bool = False) -> str:
+    """The command line that continues ``args`` after an interrupt: ``train --resume <checkpoint>``,
+    ``run --resume``, or the same command; for one point of a ``-m`` sweep, that point alone.
+    Without the overwrite settings that would now restart what resumes: ``cache.overwrite`` once
+    the work had begun (``clean``: it stopped in a training or cache loop), ``overwrite`` for a
+    training resumed from a checkpoint."""
+    line = ["moedistill", args.command]
+    if args.config_name != "tiny":
+        line += ["--config-name", args.config_name]
+    resume = str(checkpoint) if checkpoint is not None else getattr(args, "resume", None)
+    if args.command == "run":
+        line.append("--resume")
+    elif args.command == "train" and resume not in (None, "latest"):
+        line += ["--resume", resume]
+    if args.multirun and cfg is None:
+        line.append("-m")
+    drop = {"cache.overwrite"} if clean else set()
+    if args.command == "train" and checkpoint is not None:
+        drop |= {"overwrite", "cache.overwrite"}
+    line += [o for o in overrides if o.lstrip("+~").split("=")[0] not in drop]
+    if args.multirun and cfg is not None:
+        line.append(f"output_dir={cfg.output_dir}")
+    if args.command == "train" and resume == "latest":
+        line.append("--resume")  # after the overrides: a bare --resume would take the first one as its value
+    return shlex.join(line)
 
 
 if __name__ == "__main__":

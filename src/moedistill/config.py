@@ -12,6 +12,7 @@ dataclass defaults below only fill keys a YAML leaves out.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -127,6 +128,7 @@ class RunConfig:
 class Config:
     output_dir: str = "outputs/tiny"
     seed: int = 42
+    overwrite: bool = False  # a fresh training run may replace an earlier run's results
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -231,7 +233,27 @@ def _check_alpha(alpha, key):
 
 
 def _check_temperature(t, key):
-    _check(t > 0, f"{key}={t} must be > 0; use e.g. {key}=2.0")
+    _check(0 < t < math.inf, f"{key}={t} must be > 0 and finite; use e.g. {key}=2.0")
+
+
+def _check_rate(lr, key):
+    _check(lr is None or (_is_number(lr) and 0 <= lr < math.inf),
+           f"{key}={_yaml(lr)} must be >= 0 and finite, e.g. {key}=5e-5")
+
+
+def _yaml(v) -> str:
+    """``v`` as the config spells it (null, true, 'abc')."""
+    if v is None or isinstance(v, bool):
+        return "null" if v is None else str(v).lower()
+    return str(v) if isinstance(v, (int, float)) else repr(v)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _check_tail(tail, key):
@@ -239,7 +261,8 @@ def _check_tail(tail, key):
 
 
 def _check_rules(pg: ParamGroupsConfig, key: str):
-    _check(pg.default_lr_multiplier >= 0, f"{key}.default_lr_multiplier={pg.default_lr_multiplier} must be >= 0")
+    _check(0 <= pg.default_lr_multiplier < math.inf,
+           f"{key}.default_lr_multiplier={pg.default_lr_multiplier} must be >= 0 and finite")
     for i, r in enumerate(pg.rules):
         try:
             re.compile(r.pattern)
@@ -247,13 +270,16 @@ def _check_rules(pg: ParamGroupsConfig, key: str):
             raise UserError(
                 f"config: {key}.rules[{i}].pattern {r.pattern!r} is not a valid regex ({e}); fix the pattern"
             ) from None
-        _check(r.lr_multiplier >= 0, f"{key}.rules[{i}].lr_multiplier={r.lr_multiplier} must be >= 0 (0 freezes)")
-        _check(r.weight_decay is None or r.weight_decay >= 0,
-               f"{key}.rules[{i}].weight_decay={r.weight_decay} must be >= 0")
+        _check(0 <= r.lr_multiplier < math.inf,
+               f"{key}.rules[{i}].lr_multiplier={r.lr_multiplier} must be >= 0 and finite (0 freezes)")
+        _check(r.weight_decay is None or 0 <= r.weight_decay < math.inf,
+               f"{key}.rules[{i}].weight_decay={r.weight_decay} must be >= 0 and finite")
 
 
 def validate(cfg: Config) -> Config:
     """Range and consistency checks; returns ``cfg`` unchanged or raises UserError."""
+    # numpy and torch take seeds in [0, 2**32); a bad one would fail only once the run had started
+    _check(0 <= cfg.seed < 2**32, f"seed={cfg.seed} must be in [0, 2**32), e.g. seed=42")
     _check_alpha(cfg.loss.alpha, "loss.alpha")
     _check_temperature(cfg.loss.temperature, "loss.temperature")
     _check_tail(cfg.loss.tail, "loss.tail")
@@ -277,8 +303,9 @@ def validate(cfg: Config) -> Config:
             f"{key} ({st.name}) needs exactly one of num_train_epochs or max_steps",
         )
         _check(st.max_steps is None or st.max_steps >= 1, f"{key}.max_steps={st.max_steps} must be >= 1")
-        _check(st.num_train_epochs is None or st.num_train_epochs > 0, f"{key}.num_train_epochs must be > 0")
-        _check(st.learning_rate is None or st.learning_rate >= 0, f"{key}.learning_rate must be >= 0")
+        _check(st.num_train_epochs is None or 0 < st.num_train_epochs < math.inf,
+               f"{key}.num_train_epochs={st.num_train_epochs} must be > 0 and finite")
+        _check_rate(st.learning_rate, f"{key}.learning_rate")
         if st.alpha is not None:
             _check_alpha(st.alpha, f"{key}.alpha")
         if st.temperature is not None:
@@ -289,6 +316,8 @@ def validate(cfg: Config) -> Config:
             _check_rules(st.param_groups, f"{key}.param_groups")
     c = cfg.compress
     _check(c.rank is None or c.rank >= 0, f"compress.rank={c.rank} must be >= 0")
+    _check(c.calibration_sequences >= 1, f"compress.calibration_sequences={c.calibration_sequences} must be >= 1")
+    _check(all(r >= 0 for r in c.report_ranks), f"compress.report_ranks={c.report_ranks} must all be >= 0")
     _check(
         c.compression_ratio is None or 0 < c.compression_ratio <= 1,
         f"compress.compression_ratio={c.compression_ratio} must be in (0, 1]",
@@ -297,12 +326,21 @@ def validate(cfg: Config) -> Config:
     _check(c.svd in ("plain", "activation"), f"compress.svd={c.svd!r} must be plain or activation")
     _check(cfg.eval.batch_size >= 1, f"eval.batch_size={cfg.eval.batch_size} must be >= 1")
     _check(cfg.eval.ece_bins >= 1, f"eval.ece_bins={cfg.eval.ece_bins} must be >= 1")
+    m = cfg.eval.max_sequences
+    _check(m is None or m >= 1, f"eval.max_sequences={m} must be >= 1 or null")
     _validate_training(cfg.training)
+    # (num_train_epochs is not checked: default.yaml sets it for its one implicit stage)
+    _check(not (cfg.stages and "max_steps" in cfg.training),
+           "training.max_steps does not apply when stages are set (each stage has its own length); "
+           "set stages[i].max_steps or stages[i].num_train_epochs instead")
     return cfg
 
 
 # keys we set ourselves from other sections; a user setting them in `training` would be ignored
 _OWNED_TRAINING_KEYS = {"output_dir", "remove_unused_columns"}
+# counts that must be positive integers (transformers accepts 0 or negatives for some and then fails or loops)
+_TRAINING_COUNTS = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                    "logging_steps", "save_steps", "eval_steps")
 # what DistillationTrainer.evaluate reports during `moedistill train` (its eval cache is top-k,
 # so the KL is the tail-bucket lower bound; see moedistill.targets.KL_NAMES)
 EVAL_METRICS = ("eval_loss", "eval_ce", "eval_kl_lower_bound", "eval_perplexity")
@@ -321,8 +359,22 @@ def _validate_training(training: dict):
                 f"config: unknown key 'training.{key}' (not a transformers.TrainingArguments field"
                 f"{'; did you mean ' + ', '.join(sorted(close)) if close else ''}); fix or remove it"
             )
-    lr = training.get("learning_rate")
-    _check(lr is None or float(lr) >= 0, f"training.learning_rate={lr} must be >= 0")
+    # transformers takes these untyped and fails mid-run on inf/nan, 0 or a string
+    for key, value in training.items():
+        if isinstance(value, float):
+            _check(math.isfinite(value), f"training.{key}={value} must be finite")
+    for key in _TRAINING_COUNTS:
+        if key in training:
+            v = training[key]
+            _check(_is_int(v) and v >= 1, f"training.{key}={_yaml(v)} must be an integer >= 1")
+    if training.get("save_total_limit") is not None:
+        v = training["save_total_limit"]
+        _check(_is_int(v) and v >= 1,
+               f"training.save_total_limit={_yaml(v)} must be an integer >= 1 or null (keep all)")
+    for key in ("learning_rate", "warmup_steps", "weight_decay", "max_grad_norm"):
+        if key in training:
+            v = training[key]
+            _check(_is_number(v) and 0 <= v < math.inf, f"training.{key}={_yaml(v)} must be a number >= 0")
     best = training.get("metric_for_best_model")
     if best is not None:  # transformers would fail on it only at the first best-model check, mid-run
         name = best if str(best).startswith("eval_") else f"eval_{best}"

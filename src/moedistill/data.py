@@ -20,6 +20,7 @@ import glob
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -65,8 +66,25 @@ def _resolve_local(dataset: str, split: str) -> list[Path] | None:
     return None
 
 
+def _read_utf8(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise UserError(f"{path}:{line} is not UTF-8 text (byte {e.start}: {e.reason}); convert the file to UTF-8 "
+                        f"(e.g. iconv -f latin1 -t utf-8) or drop that file") from None
+
+
+def _text(value, where: str) -> str | None:
+    """A record's text field: a string, or None (null: no document, skipped); anything else is an error."""
+    if value is None or isinstance(value, str):
+        return value
+    raise UserError(f"{where}: the text field holds {type(value).__name__} {str(value)[:40]!r}, not a string; "
+                    f"fix the data or point data.text_field at the text")
+
+
 def _read_txt(path: Path) -> list[str]:
-    text = path.read_text(encoding="utf-8")
+    text = _read_utf8(path)
     docs, cur = [], []
     for line in text.splitlines():
         if line.strip():
@@ -81,20 +99,30 @@ def _read_txt(path: Path) -> list[str]:
 
 def _read_jsonl(path: Path, text_field: str) -> list[str]:
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{n} is not valid JSON ({e.msg}); fix or remove that line") from None
-            if text_field not in row:
-                raise UserError(
-                    f"{path}:{n} has no field {text_field!r} (fields: {', '.join(row)}); set data.text_field"
-                )
-            docs.append(str(row[text_field]))
-    return docs
+    for n, line in enumerate(_read_utf8(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{n} is not valid JSON ({e.msg}); fix or remove that line") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{n} is a JSON {type(row).__name__}, not an object with a {text_field!r} field; "
+                            f"write one object per line")
+        if text_field not in row:
+            raise UserError(
+                f"{path}:{n} has no field {text_field!r} (fields: {', '.join(row)}); set data.text_field"
+            )
+        docs.append(_text(row[text_field], f"{path}:{n}"))
+    return _drop_nulls(docs, path)
+
+
+def _drop_nulls(docs: list, where) -> list[str]:
+    """The documents without the null text fields, which are counted in a warning."""
+    nulls = sum(d is None for d in docs)
+    if nulls:
+        warnings.warn(f"{where}: {nulls} record(s) with a null text field skipped", stacklevel=3)
+    return [d for d in docs if d is not None]
 
 
 def _read_parquet(path: Path, text_field: str) -> list[str]:
@@ -105,7 +133,8 @@ def _read_parquet(path: Path, text_field: str) -> list[str]:
         raise UserError(
             f"{path} has no column {text_field!r} (columns: {', '.join(table.column_names)}); set data.text_field"
         )
-    return [str(x) for x in table.column(text_field).to_pylist()]
+    rows = table.column(text_field).to_pylist()
+    return _drop_nulls([_text(x, f"{path} row {i}") for i, x in enumerate(rows)], path)
 
 
 def load_texts(
@@ -162,7 +191,7 @@ def _load_hub(dataset: str, config: str | None, split: str, text_field: str, max
             f"dataset {dataset!r} has no column {text_field!r} (columns: {', '.join(ds.column_names)}); "
             "set data.text_field"
         )
-    return [str(x) for x in ds[text_field]]
+    return _drop_nulls([_text(x, f"dataset {dataset!r} row {i}") for i, x in enumerate(ds[text_field])], dataset)
 
 
 # --------------------------------------------------------------------------- packing

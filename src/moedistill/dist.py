@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import sys
 
+from moedistill.errors import UserError
+
 
 def launched_world() -> int:
     """How many processes the launcher (torchrun, accelerate launch) started; 1 without one."""
@@ -18,6 +20,12 @@ def launched_world() -> int:
 def launched_rank() -> int:
     """This process's rank as the launcher set it (readable before any process group exists)."""
     return int(os.environ.get("RANK", "0"))
+
+
+def rank() -> int:
+    """This process's rank: in the process group once there is one, else as the launcher set it."""
+    dist = _initialized()
+    return dist.get_rank() if dist is not None else launched_rank()
 
 
 def _initialized():
@@ -33,6 +41,20 @@ def barrier() -> None:
     dist = _initialized()
     if dist is not None:
         dist.barrier()
+
+
+def agree(ok: bool, message: str = "") -> None:
+    """Rank 0's verdict, on every process: if rank 0 says not ``ok``, every process raises
+    ``UserError(message)`` with rank 0's message (the others' arguments are ignored), so none is
+    left waiting in a collective for a process that stopped. Without a process group: raises
+    if not ``ok``. Every process of the group must call it."""
+    dist = _initialized()
+    if dist is not None:
+        verdict = [bool(ok), str(message)]
+        dist.broadcast_object_list(verdict, src=0)
+        ok, message = verdict
+    if not ok:
+        raise UserError(message)
 
 
 def shutdown(wait: bool = True) -> None:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from moedistill.data import shifted_labels
+from moedistill.errors import UserError
 from moedistill.targets import KL_NAMES, PAD_LOGPROB, TopKTargets
 
 
@@ -84,8 +85,8 @@ def _kl_sparse(targets: TopKTargets, s_logp: torch.Tensor) -> torch.Tensor:
 class _Metrics:
     """Running sums of one model's metrics over batches."""
 
-    def __init__(self, model, ece_bins: int):
-        self.model = model
+    def __init__(self, model, ece_bins: int, name: str = "model"):
+        self.model, self.name = model, name
         self.bins = ece_bins
         self.rec = _ExpertLoadRecorder(model)
         self.nll = self.agree = self.kl = 0.0
@@ -98,7 +99,11 @@ class _Metrics:
         device = next(self.model.parameters()).device
         s_logp = F.log_softmax(self.model(input_ids=x.to(device)).logits.float(), dim=-1)[mask.to(device)]  # [n, V]
         yy = y[mask].to(device)
-        self.nll += -s_logp.gather(-1, yy[:, None]).sum().item()
+        nll = -s_logp.gather(-1, yy[:, None]).sum().item()
+        if not math.isfinite(nll):  # a perplexity of inf (or nan) would read as a result
+            raise UserError(f"{self.name} gives non-finite log-probabilities (NaN/inf logits): its weights are "
+                            f"damaged or overflowed; check the checkpoint, or evaluate in float32 (student.dtype)")
+        self.nll += nll
         self.n += int(mask.sum())
         conf, pred = s_logp.max(-1)
         conf = conf.exp().double().cpu()
@@ -160,7 +165,7 @@ def evaluate_models(
     x_all = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
     for m in models.values():
         m.eval()
-    acc = {name: _Metrics(m, ece_bins) for name, m in models.items()}
+    acc = {name: _Metrics(m, ece_bins, name) for name, m in models.items()}
     try:
         for i in tqdm(range(0, len(x_all), batch_size), desc=desc, unit="batch", leave=False):
             x = x_all[i : i + batch_size]

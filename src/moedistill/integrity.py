@@ -23,6 +23,7 @@ from pathlib import Path
 
 from moedistill.errors import UserError
 from moedistill.files import atomic_write_json, file_checksum, fsync_path
+from moedistill.locking import LOCK_FILE
 
 CHECKPOINT_MANIFEST = "checkpoint.json"
 CHECKPOINT_FORMAT = "moedistill-checkpoint"
@@ -37,7 +38,7 @@ _verified: set[tuple[str, int]] = set()
 def _files(ckpt: Path) -> list[Path]:
     return sorted(
         p for p in ckpt.rglob("*")
-        if p.is_file() and not p.name.startswith(CHECKPOINT_MANIFEST)
+        if p.is_file() and not p.name.startswith(CHECKPOINT_MANIFEST) and p.name != LOCK_FILE
     )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 import moedistill.compression.modeling_moedistill  # noqa: F401  (registers the compressed model types)
@@ -97,8 +98,12 @@ def get_model(
         load_kwargs["device_map"] = device_map
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **load_kwargs)
-    except OSError as e:
-        raise UserError(f"cannot load model {name_or_path!r}: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError, SafetensorError) as e:
+        # OSError: no such model / no weights; ValueError: a directory that is no model ("Unrecognized
+        # model"); SafetensorError: weights cut short or damaged (e.g. a truncated checkpoint-0)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load model {name_or_path!r}: {first}; check the path, or rebuild the "
+                        f"checkpoint if it was damaged") from None
     model.eval()
     tok = load_tokenizer(tokenizer_from or name_or_path, trust_remote_code) if with_tokenizer else None
     return model, tok

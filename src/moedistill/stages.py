@@ -41,14 +41,22 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from moedistill import signals
 from moedistill.config import Config, LossConfig, ParamGroupsConfig, StageConfig
 from moedistill.dist import barrier
 from moedistill.errors import UserError
-from moedistill.files import atomic_write_json, atomic_write_text, replace_dir
+from moedistill.files import (
+    DiskFullError,
+    atomic_write_json,
+    atomic_write_text,
+    disk_full_as_error,
+    model_bytes,
+    replace_dir,
+)
 from moedistill.integrity import check_targets_vocab, is_complete, verify_checkpoint
 from moedistill.param_groups import assign
 from moedistill.targets import eval_kl_key
-from moedistill.trainer import CHECKPOINT_STAGE_FILE, DistillationTrainer
+from moedistill.trainer import CHECKPOINT_STAGE_FILE, DistillationTrainer, load_weights
 
 logger = logging.getLogger(__name__)
 
@@ -169,21 +177,31 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def find_checkpoint(run_dir: Path, resume: str, stages: list[Stage]) -> tuple[Stage, Path, int]:
-    """Resolve ``resume`` ("latest" or a checkpoint dir) -> (its stage, path, step within the stage).
+def locate_checkpoint(run_dir: Path, resume: str) -> Path:
+    """The verified checkpoint ``resume`` names ("latest": the newest complete one in ``run_dir``).
 
-    The checkpoint is verified (``moedistill.integrity.verify_checkpoint``): an incomplete,
-    truncated or corrupted one is a UserError naming the file."""
+    Needs only the run directory, so ``moedistill train --resume`` makes this check before
+    any compression or cache work. An incomplete, truncated or corrupted checkpoint is a
+    UserError naming the file (``moedistill.integrity.verify_checkpoint``)."""
     if resume in ("latest", "last", True):
         found = list_checkpoints(run_dir)
         if not found:
-            raise UserError(f"no checkpoint to resume from in {run_dir}; run without --resume to start the run")
+            raise UserError(f"no checkpoint to resume from in {run_dir}; check output_dir, or run without "
+                            f"--resume to start the run")
         path = found[-1][1]
     else:
         path = Path(resume)
-        if not (path / "trainer_state.json").is_file():
+        if not (path / "trainer_state.json").is_file() and not path.name.startswith("checkpoint-"):
             raise UserError(f"{resume} is not a training checkpoint (no trainer_state.json); pass a checkpoint-N dir")
-    verify_checkpoint(path)
+    verify_checkpoint(path)  # a checkpoint-N whose save was cut short: "incomplete", naming what is missing
+    return path
+
+
+def find_checkpoint(run_dir: Path, resume: str, stages: list[Stage]) -> tuple[Stage, Path, int]:
+    """Resolve ``resume`` ("latest" or a checkpoint dir) -> (its stage, path, step within the stage),
+    after :func:`locate_checkpoint` and :func:`check_same_plan`."""
+    path = locate_checkpoint(run_dir, resume)
+    check_same_plan(run_dir, stages)
     info = _read_json(path / CHECKPOINT_STAGE_FILE) or {}
     by_name = {s.name: s for s in stages}
     by_dir = {s.dirname: s for s in stages}
@@ -196,6 +214,30 @@ def find_checkpoint(run_dir: Path, resume: str, stages: list[Stage]) -> tuple[St
         )
     state = _read_json(path / "trainer_state.json") or {}
     return stage, path, int(state.get("global_step", 0))
+
+
+# what a resumed run must share with the run it continues, per stage
+PLAN_KEYS = ("name", "start_step", "end_step", "max_steps", "learning_rate", "alpha", "temperature", "tail")
+
+
+def check_same_plan(run_dir: Path, stages: list[Stage]) -> None:
+    """UserError if ``stages`` is not the schedule the run in ``run_dir`` was started with
+    (its stages.json): a resume that silently changed a stage's length, learning rate or
+    loss would give neither the old run nor the new one."""
+    plan = _read_json(Path(run_dir) / STAGES_FILE)
+    if not plan or "stages" not in plan:
+        return  # written by rank 0 before any checkpoint; absent only for hand-made run dirs
+    was = [{k: s.get(k) for k in PLAN_KEYS} for s in plan["stages"]]
+    now = [{k: d.get(k) for k in PLAN_KEYS} for d in (s.to_dict() for s in stages)]
+    if was == now:
+        return
+    diff = next(
+        (f"stage {i + 1}: {k} was {a.get(k)!r}, now {b.get(k)!r}" for i, (a, b) in enumerate(zip(was, now))
+         for k in PLAN_KEYS if a.get(k) != b.get(k)),
+        f"{len(was)} stages before, {len(now)} now",
+    )
+    raise UserError(f"--resume would continue {run_dir} with another schedule ({diff}); resume with the settings "
+                    f"the run was started with, or start a new run (another output_dir)")
 
 
 def read_log(run_dir) -> list[dict]:
@@ -231,6 +273,22 @@ def _trim_log(run_dir: Path, upto_step: int) -> None:
         return
     keep = [e for e in read_log(run_dir) if e.get("step", 0) <= upto_step]
     atomic_write_text(run_dir / LOG_FILE, "".join(json.dumps(e) + "\n" for e in keep))
+
+
+def previous_results(run_dir: Path) -> list[Path]:
+    """What an earlier run left in ``run_dir`` that a fresh run would remove (checkpoints, final/)."""
+    run_dir = Path(run_dir)
+    found = sorted(p for p in run_dir.glob("*/checkpoint-*") if p.is_dir())
+    return found + [p for p in (run_dir / FINAL_DIR,) if p.is_dir()]
+
+
+def check_may_start(run_dir: Path, overwrite: bool) -> None:
+    """UserError if a fresh run in ``run_dir`` would delete an earlier run's results without ``overwrite``."""
+    old = previous_results(run_dir)
+    if old and not overwrite:
+        what = f"{len(old)} checkpoint(s)" if old[-1].name != FINAL_DIR else f"final/ and {len(old) - 1} checkpoint(s)"
+        raise UserError(f"{run_dir} holds an earlier run ({what}); pass --resume to continue it, --overwrite "
+                        f"(overwrite=true) to replace it, or choose another output_dir")
 
 
 def _clear_previous(run_dir: Path, stages: list[Stage]) -> None:
@@ -275,6 +333,30 @@ class StageCallback(TrainerCallback):
         return control
 
 
+class StopOnSignal(TrainerCallback):
+    """On SIGTERM / SIGINT (``moedistill.signals``): when the optimizer step in progress ends,
+    save a checkpoint and stop. Every process stops at the same step (``signals.agreed``: one
+    scalar all-reduce per step under torchrun); ``run_stages`` then raises ``Interrupted``."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if signals.agreed(args.device):
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+def _interrupted(signum: int, st: Stage, trainer, run_dir: Path) -> signals.Interrupted:
+    """What a stage stopped by a signal kept: the checkpoint of its last step (or the latest complete one)."""
+    step = trainer.state.global_step
+    ckpt = run_dir / st.dirname / f"checkpoint-{step}"
+    if not is_complete(ckpt):  # pragma: no cover - StopOnSignal saves it; a callback may have stopped the stage first
+        found = list_checkpoints(run_dir)
+        ckpt = found[-1][1] if found else None
+    where = f"at global step {st.start_step + step} (stage {st.name!r}, its step {step})"
+    kept = f"; checkpoint {ckpt} written" if ckpt is not None else "; no checkpoint was written"
+    return signals.Interrupted(signum, where + kept, checkpoint=ckpt, everywhere=True)
+
+
 # --------------------------------------------------------------------------- driver
 
 
@@ -300,6 +382,7 @@ def run_stages(
     eval_dataset=None,
     teacher=None,
     resume: str | None = None,
+    overwrite: bool = False,
     callbacks=(),
     processing_class=None,
 ) -> dict:
@@ -313,8 +396,9 @@ def run_stages(
             and ``data_seed`` (base + stage index).
         train_dataset / eval_dataset: cache datasets (items per the cache contract).
         teacher: a model for online distillation, or None (targets from the dataset).
-        resume: None (fresh run; a previous run's checkpoints here are removed),
-            ``"latest"`` or a checkpoint directory.
+        resume: None (fresh run), ``"latest"`` or a checkpoint directory.
+        overwrite: a fresh run may remove an earlier run's checkpoints and final/ here
+            (after every check has passed); without it, such a run dir is a UserError.
         callbacks: extra ``TrainerCallback``s for every stage's trainer.
     Returns:
         ``{"run_dir", "final_model" (None if stopped early), "stages", "train_metrics",
@@ -327,9 +411,17 @@ def run_stages(
         stage, ckpt, stage_step = find_checkpoint(run_dir, resume, stages)
         first = stage.index
     check_stages(model, stages[first:], train_dataset=train_dataset, eval_dataset=eval_dataset, teacher=teacher)
+    if not resume:
+        check_may_start(run_dir, overwrite)
     if resume:
         logger.info("resuming stage %s at its step %d (global step %d) from %s", stage.name, stage_step,
                     stage.start_step + stage_step, ckpt)
+        if stage_step >= stage.max_steps:
+            # Written at the stage's end: that stage is over. Resuming its trainer would train one
+            # more step; the next stage starts from these weights with a fresh optimizer, as it does
+            # in an uninterrupted run.
+            load_weights(model, ckpt)
+            first, ckpt = first + 1, None
     done = set(range(first))
     main = args.process_index == 0  # under torchrun every rank runs this; only rank 0 touches the run dir
     if main:
@@ -339,31 +431,41 @@ def run_stages(
         "run_dir": str(run_dir), "final_model": None, "stages": [s.to_dict() for s in stages], "train_metrics": {}
     }
     trainer = None
-    for st in stages[first:]:
-        del trainer  # free the previous stage's optimizer state before building the next
+    if first == len(stages):  # resumed from the last stage's end: only final/ (and the evaluation) remain
         trainer = _stage_trainer(
-            model, st, args, run_dir, teacher=teacher, train_dataset=train_dataset, eval_dataset=eval_dataset,
-            callbacks=callbacks, processing_class=processing_class,
-            eval_on_start=(eval_dataset is not None and resume is None and st.index == 0)
-            or (args.eval_on_start and st.index == first),
+            model, stages[-1], args, run_dir, teacher=teacher, train_dataset=train_dataset,
+            eval_dataset=eval_dataset, callbacks=callbacks, processing_class=processing_class, eval_on_start=False,
         )
-        logger.info(
-            "stage %d/%d %r: global steps %d-%d, lr %.3g, alpha %g, temperature %g, tail %s",
-            st.index + 1, len(stages), st.name, st.start_step + 1, st.end_step, st.learning_rate,
-            st.loss.alpha, st.loss.temperature, st.loss.tail,
-        )
-        out = trainer.train(resume_from_checkpoint=str(ckpt) if (ckpt is not None and st.index == first) else None)
-        if eval_dataset is not None and resume is None and st.index == 0:
-            result["initial_eval"] = _first_eval(trainer.state.log_history)
-        result["train_metrics"] = dict(out.metrics)
-        if trainer.state.global_step < st.max_steps:
-            result["stopped_at"] = st.start_step + trainer.state.global_step
-            logger.warning("stage %r stopped early at global step %d; later stages not run", st.name,
-                           result["stopped_at"])
-            return result
-        done.add(st.index)
-        if main:
-            write_plan(run_dir, stages, done)
+    # SIGTERM / SIGINT: StopOnSignal ends the stage in progress at a checkpoint, then Interrupted
+    with signals.deferred():
+        for st in stages[first:]:
+            del trainer  # free the previous stage's optimizer state before building the next
+            trainer = _stage_trainer(
+                model, st, args, run_dir, teacher=teacher, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                callbacks=callbacks, processing_class=processing_class,
+                eval_on_start=(eval_dataset is not None and resume is None and st.index == 0)
+                or (args.eval_on_start and st.index == first),
+            )
+            logger.info(
+                "stage %d/%d %r: global steps %d-%d, lr %.3g, alpha %g, temperature %g, tail %s",
+                st.index + 1, len(stages), st.name, st.start_step + 1, st.end_step, st.learning_rate,
+                st.loss.alpha, st.loss.temperature, st.loss.tail,
+            )
+            out = trainer.train(resume_from_checkpoint=str(ckpt) if (ckpt is not None and st.index == first) else None)
+            stop = signals.agreed(trainer.args.device)  # every process, also when the signal came after the last step
+            if stop:
+                raise _interrupted(stop, st, trainer, run_dir)
+            if eval_dataset is not None and resume is None and st.index == 0:
+                result["initial_eval"] = _first_eval(trainer.state.log_history)
+            result["train_metrics"] = dict(out.metrics)
+            if trainer.state.global_step < st.max_steps:
+                result["stopped_at"] = st.start_step + trainer.state.global_step
+                logger.warning("stage %r stopped early at global step %d; later stages not run", st.name,
+                               result["stopped_at"])
+                return result
+            done.add(st.index)
+            if main:
+                write_plan(run_dir, stages, done)
     result["final_model"] = str(_save_final(trainer, run_dir))
     if eval_dataset is not None:
         result["final_eval"] = trainer.evaluate()
@@ -403,7 +505,7 @@ def _stage_trainer(model, st: Stage, args, run_dir: Path, *, eval_on_start: bool
         stage_index=st.index,
         stage_name=st.name,
         step_offset=st.start_step,
-        callbacks=[StageCallback(st, run_dir), *callbacks],
+        callbacks=[StageCallback(st, run_dir), StopOnSignal(), *callbacks],
         **kwargs,
     )
 
@@ -424,7 +526,14 @@ def _save_final(trainer, run_dir: Path) -> Path:
     final, tmp = run_dir / FINAL_DIR, run_dir / (FINAL_DIR + ".tmp")
     if trainer.args.should_save:
         shutil.rmtree(tmp, ignore_errors=True)
-    trainer.save_model(str(tmp))
+    needed = lambda: model_bytes(trainer.model) + 80 * len(trainer.processing_class or ()) + (1 << 20)  # noqa: E731
+    try:
+        with disk_full_as_error(final, needed=needed):  # a full disk: one line, and no final/
+            trainer.save_model(str(tmp))
+    except DiskFullError:
+        if trainer.args.should_save:
+            shutil.rmtree(tmp, ignore_errors=True)  # give back what the partial save took
+        raise
     trainer.accelerator.wait_for_everyone()
     if trainer.args.should_save:
         replace_dir(tmp, final)

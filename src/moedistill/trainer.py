@@ -49,7 +49,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from moedistill import integrity
 from moedistill.config import LossConfig, ParamGroupsConfig
 from moedistill.errors import UserError
-from moedistill.files import atomic_write_json
+from moedistill.files import atomic_write_json, disk_full_as_error, model_bytes
 from moedistill.losses import IGNORE_INDEX, teacher_loss
 from moedistill.param_groups import assign, format_table, freeze, optimizer_groups
 from moedistill.targets import KL_NAMES, PAD_VALUES, DenseTargets, SampledTargets, from_batch
@@ -120,6 +120,19 @@ def collate(features: list[dict]) -> dict[str, torch.Tensor]:
             tensors = [F.pad(t, (0, width - t.shape[-1]), value=PAD_VALUES[key]) for t in tensors]
         batch[key] = torch.stack(tensors)
     return batch
+
+
+def load_weights(model, checkpoint) -> None:
+    """Copy the weights saved in ``checkpoint`` into ``model`` (a plain, unwrapped HF model).
+
+    Through ``from_pretrained``, which converts transformers 5's per-expert Hub layout back
+    to stacked expert tensors; a plain ``load_state_dict`` of the files would silently skip
+    them (huggingface/transformers#48805). Costs a second copy of the weights on the CPU."""
+    logger.info("loading the student's weights from %s", checkpoint)
+    dtype = next(model.parameters()).dtype
+    loaded = type(model).from_pretrained(checkpoint, dtype=dtype, device_map="cpu")
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    del loaded
 
 
 class DistillationTrainer(Trainer):
@@ -324,7 +337,9 @@ class DistillationTrainer(Trainer):
         limit = self.args.save_total_limit
         self.args.save_total_limit = None  # rotate old checkpoints away only once this one is complete
         try:
-            super()._save_checkpoint(model, trial)
+            # a full disk: one line; the directory stays without checkpoint.json, so it is never resumed from
+            with disk_full_as_error(ckpt, needed=self._checkpoint_bytes):
+                super()._save_checkpoint(model, trial)
         finally:
             self.args.save_total_limit = limit
         self.accelerator.wait_for_everyone()  # every process's files (RNG states, shards) are written
@@ -337,6 +352,12 @@ class DistillationTrainer(Trainer):
                 output_dir=run_dir, save_total_limit=limit, best_model_checkpoint=self.state.best_model_checkpoint,
                 use_mtime=True,
             )
+
+    def _checkpoint_bytes(self) -> int:
+        """About the bytes of one checkpoint: weights, optimizer state, tokenizer (~80 bytes a token), small files."""
+        state = self.optimizer.state.values() if self.optimizer is not None else ()
+        optimizer = sum(v.numel() * v.element_size() for st in state for v in st.values() if torch.is_tensor(v))
+        return model_bytes(self.model) + optimizer + 80 * len(self.processing_class or ()) + (1 << 20)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         # transformers 5.x saves MoE checkpoints in the Hub layout (one tensor per expert) but the
@@ -363,11 +384,7 @@ class DistillationTrainer(Trainer):
         if not (plain and isinstance(unwrapped, PreTrainedModel)
                 and os.path.isfile(os.path.join(checkpoint, "config.json"))):
             return False
-        logger.info("loading the student's weights from %s", checkpoint)
-        dtype = next(unwrapped.parameters()).dtype
-        loaded = type(unwrapped).from_pretrained(checkpoint, dtype=dtype, device_map="cpu")
-        unwrapped.load_state_dict(loaded.state_dict(), strict=True)
-        del loaded
+        load_weights(unwrapped, checkpoint)
         return True
 
     # ------------------------------------------------------------------ optimizer

@@ -32,7 +32,7 @@ import torch
 import torch.distributed
 from tqdm.auto import tqdm
 
-from moedistill import files
+from moedistill import files, signals
 from moedistill.cache import encode
 from moedistill.cache.layout import (
     FORMAT_NAME,
@@ -57,6 +57,7 @@ from moedistill.dist import barrier, launched_rank, launched_world
 from moedistill.errors import UserError
 from moedistill.fingerprints import model_fingerprint, tokenizer_hash
 from moedistill.integrity import check_context
+from moedistill.locking import LOCK_FILE, lock_on_rank0
 
 QUEUE_BATCHES = 4  # finished batches waiting for the writer thread
 # what the manifest's "shards" list keeps of each rank's shard-RRRRR.json
@@ -117,11 +118,30 @@ def generate_cache(
     rank, world = rank_world()
     ranges = _rank_ranges(int(packed.blocks.shape[0]), batch_size, world)
 
-    # 1. every rank reads the existing directory and decides the same way
-    state = _check_existing(out, identity, overwrite)
+    # 1. every rank reads the existing directory and decides the same way: a complete cache is
+    # used as it is, without the lock (any number of readers)
+    try:
+        state = _check_existing(out, identity, overwrite)
+    except UserError:
+        if not out.is_dir():
+            raise
+        state = None  # decided again under the lock: another process may be rewriting the directory
     if state == "complete":
         report_complete(out)
         return out
+    # one writer: rank 0 takes the directory's lock (all ranks stop, one line, if another process holds it)
+    with lock_on_rank0(out, "teacher cache"):
+        if _check_existing(out, identity, overwrite) == "complete":  # finished by another process meanwhile
+            report_complete(out)
+            return out
+        _write_cache(teacher, packed, out, identity, overwrite=overwrite, ranges=ranges, rank=rank,
+                     batch_size=batch_size, mode=mode, seed=seed, progress=progress)
+    return out
+
+
+def _write_cache(teacher, packed, out: Path, identity: dict, *, overwrite, ranges, rank, batch_size, mode, seed,
+                 progress) -> None:
+    """Steps 2-4 of :func:`generate_cache`, with the cache directory locked."""
     # 2. once every rank has read it, rank 0 prepares the directory; the others wait
     barrier()
     if rank == 0:
@@ -129,14 +149,34 @@ def generate_cache(
     barrier()
     # 3. every rank generates its batches and merges them into its shard
     start, end = ranges[rank]
-    _generate_rank(teacher, packed.blocks, out, _shard_attrs(identity), rank, start, end, batch_size, mode,
-                   identity["width"], seed, progress and rank == 0)
-    # 4. rank 0 verifies all shards and marks the cache complete
-    barrier()
-    if rank == 0:
-        _finalize(out, identity, ranges, packed)
-    barrier()
-    return out
+    attrs = _shard_attrs(identity)
+    # a full disk (part, shard, record or manifest): one line with the space the rest needs; what was
+    # written whole stays and is resumed from, what was cut short is gone (files.atomic_path)
+    with files.disk_full_as_error(out, needed=lambda: _bytes_to_finish(out, attrs, rank, start, end, batch_size)):
+        _generate_rank(teacher, packed.blocks, out, attrs, rank, start, end, batch_size, mode,
+                       identity["width"], seed, progress and rank == 0)
+        # 4. rank 0 verifies all shards and marks the cache complete
+        barrier()
+        if rank == 0:
+            _finalize(out, identity, ranges, packed)
+        barrier()
+
+
+def _bytes_to_finish(out: Path, attrs: dict, rank: int, start: int, end: int, batch_size: int) -> int:
+    """About the bytes this rank still writes: its missing parts, then its shard (as large as
+    all its parts, which stay until the shard is recorded), plus the records."""
+    records = 1 << 16
+    if (out / shard_info_name(rank)).is_file():
+        return records
+    batches = [(s, min(s + batch_size, end)) for s in range(start, end, batch_size)]
+    have = [out / PARTS_DIR / part_name(s, e) for s, e in batches]
+    sizes = [p.stat().st_size for p in have if p.is_file()]
+    if sizes:
+        per_batch = sum(sizes) / len(sizes)
+    else:  # nothing written yet: the uncompressed size, an upper bound
+        L, W = int(attrs["seq_len"]), int(attrs["width"])
+        per_batch = batch_size * L * (4 + W * (4 + 2 + (2 if attrs["mode"] == "sample" else 0)))
+    return int(per_batch * (len(batches) - len(sizes)) + per_batch * len(batches)) + records
 
 
 def _check_inputs(teacher, tokenizer, packed, *, mode, top_k, num_samples, batch_size) -> int:
@@ -232,7 +272,7 @@ def _check_existing(out: Path, identity: dict, overwrite: bool) -> str:
         raise UserError(f"cache path {out} is a file; choose a directory")
     manifest_path = out / MANIFEST
     if not manifest_path.is_file():
-        foreign = [p.name for p in out.iterdir() if not _is_ours(p)]
+        foreign = [p.name for p in out.iterdir() if not _is_ours(p) and p.name != LOCK_FILE]
         if foreign:
             raise UserError(
                 f"{out} is not empty and holds no teacher cache (found {', '.join(sorted(foreign)[:3])}); "
@@ -246,8 +286,8 @@ def _check_existing(out: Path, identity: dict, overwrite: bool) -> str:
     if diff:
         more = f" (and {len(diff) - 3} more differences)" if len(diff) > 3 else ""
         raise UserError(
-            f"{out} holds a different teacher cache: {'; '.join(diff[:3])}{more}; pass --overwrite "
-            f"(cache.overwrite=true) to replace it, or choose another directory"
+            f"{out} holds a different teacher cache: {'; '.join(diff[:3])}{more}; pass cache.overwrite=true "
+            f"(`moedistill cache --overwrite`) to replace it, or choose another directory"
         )
     if manifest.get("complete"):
         verify_shards(out, manifest, checksums=False)
@@ -352,7 +392,9 @@ def _generate_rank(teacher, blocks, out, attrs, rank, start, end, batch_size, mo
     done = {parse_part_name(p.name) for p in parts_dir.glob("part-*.h5")}
     todo = [b for b in batches if b not in done]
     t_start = time.perf_counter()
-    timing = _write_parts(teacher, blocks, parts_dir, attrs, todo, end - start, batch_size, mode, width, seed, progress)
+    with signals.deferred():  # SIGTERM / SIGINT: the batches already computed are written, then Interrupted
+        timing = _write_parts(teacher, blocks, parts_dir, attrs, todo, end - start, batch_size, mode, width, seed,
+                              progress)
     parts = [parts_dir / part_name(s, e) for s, e in batches]
     missing = [p.name for p in parts if not p.is_file()]
     if missing:  # pragma: no cover - the writer raised, or files were removed under us
@@ -400,6 +442,8 @@ def _write_parts(teacher, blocks, parts_dir, attrs, todo, total, batch_size, mod
     writer.start()
     try:
         for s, e in todo:
+            if signals.requested():  # no new batch; those queued are written below
+                break
             x = torch.from_numpy(np.ascontiguousarray(blocks[s:e])).long().to(dev)
             if offload:
                 t0 = time.perf_counter()
@@ -417,6 +461,12 @@ def _write_parts(teacher, blocks, parts_dir, attrs, todo, total, batch_size, mod
         t_loop = time.perf_counter()
         bar.close()  # first: an error the writer re-raises then starts on a line of its own
         writer.close()
+    stop = signals.requested()
+    if stop:
+        n = math.ceil(total / batch_size)
+        kept = n - len(todo) + writer.committed
+        raise signals.Interrupted(stop, f"after {kept} of {n} batches of the teacher cache {parts_dir.parent} "
+                                        f"(each one written whole; a rerun computes only the rest)")
     timing["targets_s"] += writer.targets_s  # CPU: top-k etc. in the writer thread, overlapped
     timing["writer_busy_s"] = writer.busy_s  # (targets +) encoding + writing, overlapped with the teacher
     timing["writer_drain_s"] = time.perf_counter() - t_loop  # what the teacher side waited at the end

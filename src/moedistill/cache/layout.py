@@ -200,4 +200,31 @@ def load_manifest(path: Path) -> dict:
             f"cache {path} has format version {manifest['format_version']}, this moedistill reads up to "
             f"{encode.FORMAT_VERSION}; upgrade moedistill"
         )
+    _check_fields(m, manifest)
     return manifest
+
+
+# the manifest entries every reader relies on, and their types (a hand-edited or cut manifest
+# is refused here, in one line, instead of failing with a KeyError deep in a reader)
+_FIELDS = {"mode": str, "width": int, "vocab_size": int, "seq_len": int, "num_sequences": int,
+           "fingerprints": dict, "encoding": dict, "shards": list}
+
+
+def _check_fields(m: Path, manifest: dict) -> None:
+    fix = "the manifest was edited or damaged; regenerate the cache (cache.overwrite=true)"
+    for key, tp in _FIELDS.items():
+        v = manifest.get(key)
+        if not isinstance(v, tp) or isinstance(v, bool):
+            raise UserError(f"{m}: '{key}' is {json.dumps(v)}, not a {tp.__name__}; {fix}")
+    if manifest["mode"] not in ("topk", "sample"):
+        raise UserError(f"{m}: mode {manifest['mode']!r} is neither topk nor sample; {fix}")
+    if not isinstance(manifest["encoding"].get("logprob_steps"), list):
+        raise UserError(f"{m}: encoding.logprob_steps is missing; {fix}")
+    if manifest.get("complete"):
+        k, width = manifest.get("k"), manifest["width"]
+        # topk: k is top_k, the stored width; sample: the most distinct ids at any position (<= width)
+        want = manifest.get("top_k") if manifest["mode"] == "topk" else max(
+            1, int((manifest.get("stats") or {}).get("max_distinct", k or 0)))
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= width or k != want:
+            raise UserError(f"{m}: k={json.dumps(k)} does not match the stored targets (width {width}, expected "
+                            f"k={want}); {fix}")

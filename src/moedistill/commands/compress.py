@@ -30,7 +30,8 @@ from moedistill.compression.init import (
 from moedistill.compression.report import REPORT_SEQUENCES, VARIANTS, build_report, write_report
 from moedistill.config import Config
 from moedistill.errors import UserError
-from moedistill.files import atomic_dir
+from moedistill.files import atomic_dir, disk_full_as_error, model_bytes
+from moedistill.locking import DirectoryLock
 from moedistill.models import config_or_none, resolve
 
 SETTINGS_VERSION = 1  # bump when the initialisation changes so old checkpoint-0s are not reused
@@ -114,11 +115,23 @@ def compress_from_config(cfg: Config) -> Path:
     s = settings(cfg)
     h = settings_hash(s)
     if _existing(ckpt, h):
-        report = ckpt.parent / "report.md"
-        print(f"[compress] reusing {ckpt} (same teacher and settings, hash {h})"
-              + (f"; report: {report}" if report.exists() else ""))
-        return ckpt
+        return _reuse(ckpt, h)
+    # one writer for <output_dir>/compressed (the reuse check above needs no lock)
+    with DirectoryLock(ckpt.parent, "compressed student directory"):
+        if _existing(ckpt, h):  # built by another process meanwhile
+            return _reuse(ckpt, h)
+        return _compress(cfg, ckpt, s, h)
 
+
+def _reuse(ckpt: Path, h: str) -> Path:
+    report = ckpt.parent / "report.md"
+    print(f"[compress] reusing {ckpt} (same teacher and settings, hash {h})"
+          + (f"; report: {report}" if report.exists() else ""))
+    return ckpt
+
+
+def _compress(cfg, ckpt: Path, s: dict, h: str) -> Path:
+    """What :func:`compress_from_config` does when there is nothing to reuse, with the directory locked."""
     c = cfg.compress
     # a bad rank or architecture stops here, before a large teacher loads
     teacher_config = config_or_none(cfg.teacher.name, cfg.teacher.trust_remote_code)
@@ -169,8 +182,11 @@ def compress_from_config(cfg: Config) -> Path:
 
 
 def _save(student, tokenizer, ckpt: Path) -> None:
-    """Write into a temporary sibling and rename, so a crash never leaves a checkpoint that looks complete."""
-    with atomic_dir(ckpt) as tmp:
+    """Write into a temporary sibling and rename, so a crash never leaves a checkpoint that looks complete
+    (a full disk: one line, and the temporary sibling is removed)."""
+    # needed: the weights, the tokenizer's files (~80 bytes per token) and the config files
+    needed = lambda: model_bytes(student) + 80 * len(tokenizer or ()) + (1 << 20)  # noqa: E731
+    with disk_full_as_error(ckpt, needed=needed), atomic_dir(ckpt) as tmp:
         student.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

@@ -10,6 +10,7 @@ import numpy as np
 from moedistill.cache import open_cache
 from moedistill.commands import common  # called qualified, so patching common.X reaches every verb
 from moedistill.config import Config
+from moedistill.errors import UserError
 from moedistill.evaluate import count_parameters, evaluate_model
 from moedistill.files import atomic_write_text
 
@@ -18,6 +19,21 @@ def eval_blocks(cfg: Config, tokenizer) -> np.ndarray:
     """The packed blocks of ``cfg.data.eval_split`` that evaluation uses (``eval.max_sequences`` first)."""
     n = cfg.eval.max_sequences or cfg.data.eval_max_sequences
     return common.prepare_split(cfg, tokenizer, cfg.data.eval_split, max_sequences=n).blocks
+
+
+def open_eval_cache(cfg: Config, path):
+    """The teacher cache at ``path``, checked like ``train`` checks its caches: the teacher, the
+    tokenizer, seq_len and the token stream of ``data.eval_split`` (as its eval cache holds it)."""
+    tok = common.teacher_tokenizer(cfg)
+    packed = common.prepare_split(cfg, tok, cfg.data.eval_split, max_sequences=cfg.data.eval_max_sequences)
+    ds = open_cache(path, expect={"teacher": cfg.teacher.name, "tokenizer": tok, "seq_len": cfg.data.seq_len})
+    if ds.manifest["fingerprints"]["data"] != packed.stream_hash:
+        raise UserError(
+            f"--cache {path} holds other data ({ds.manifest.get('source')}) than the eval split "
+            f"'{cfg.data.eval_split}' of {cfg.data.dataset} ({packed.num_tokens:,} tokens); pass the eval split's "
+            f"cache (e.g. {Path(cfg.output_dir) / 'cache' / ('topk-' + cfg.data.eval_split)})"
+        )
+    return ds
 
 
 def eval_from_config(
@@ -30,10 +46,12 @@ def eval_from_config(
     the top-k ``kl_lower_bound``.
     """
     name = model or str(Path(cfg.output_dir) / "train" / "topk" / "final")
+    if output and Path(output).is_dir():  # before the evaluation, not after it
+        raise UserError(f"--output {output} is a directory; give a file path, e.g. {Path(output) / 'eval.json'}")
+    targets = open_eval_cache(cfg, cache) if cache else None
     student = common.load_student(cfg, name)
-    teacher, targets = None, None
+    teacher = None
     if cache:
-        targets = open_cache(cache)
         blocks = np.stack([targets[i]["input_ids"].numpy() for i in range(len(targets))])
     else:
         teacher, tok = common.load_teacher(cfg)
@@ -44,6 +62,11 @@ def eval_from_config(
                              batch_size=cfg.eval.batch_size, ece_bins=cfg.eval.ece_bins)
     metrics["model"] = name
     metrics["parameters"] = count_parameters(student)
+    metrics["split"] = cfg.data.eval_split
+    metrics["targets"] = (
+        {"cache": str(cache), "mode": targets.mode, "data": targets.manifest["fingerprints"]["data"]} if cache
+        else {"teacher": cfg.teacher.name}
+    )
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(output, json.dumps(metrics, indent=2) + "\n")

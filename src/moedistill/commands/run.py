@@ -25,18 +25,33 @@ from moedistill.commands.eval import eval_blocks
 from moedistill.commands.train import train_from_config, with_cache_mode
 from moedistill.config import Config
 from moedistill.evaluate import count_parameters, evaluate_models
-from moedistill.files import atomic_write_text
+from moedistill.files import atomic_write_json, atomic_write_text
+from moedistill.integrity import CHECKPOINT_MANIFEST
 from moedistill.report import write_report
+from moedistill.stages import check_may_start, list_checkpoints
+
+# in output_dir, written as a fresh run starts: `run --resume` continues only the trainings it checkpointed
+RUN_FILE = "run.json"
 
 
 def _log(msg: str):
     print(f"[moedistill run] {msg}", flush=True)
 
 
-def run(cfg: Config) -> Path:
-    """Run the pipeline; returns the path of ``report.md``."""
+def run(cfg: Config, resume: bool = False) -> Path:
+    """Run the pipeline; returns the path of ``report.md``.
+
+    ``resume`` (after an interrupt): each training the interrupted run checkpointed continues
+    from its latest checkpoint (one that had finished only writes final/ and evaluates
+    again); the others start afresh."""
     out = Path(cfg.output_dir)
+    names = ["topk", *(["sample"] if cfg.run.sample_student else []), *(["ce"] if cfg.run.ce_baseline else [])]
+    if not resume:  # before the teacher is compressed or cached: no training would refuse to start
+        for name in names:
+            check_may_start(out / "train" / name, cfg.overwrite)
     out.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        atomic_write_json(out / RUN_FILE, {"started": time.time()})
     t0 = time.time()
     timings = {}
 
@@ -67,7 +82,8 @@ def run(cfg: Config) -> Path:
         results[label] = step(
             f"train {run_name}",
             lambda c=c, run_name=run_name, overrides=overrides: train_from_config(
-                c, run_name=run_name, loss_overrides=overrides
+                c, run_name=run_name, loss_overrides=overrides,
+                resume="latest" if resume and _checkpointed_since_start(out, run_name) else None,
             ),
         )
 
@@ -82,6 +98,16 @@ def run(cfg: Config) -> Path:
     _log(f"report: {path} ({time.time() - t0:.0f}s in all)")
     print((out / "report.md").read_text().split("## Models on the validation split")[1].split("`gap closed`")[0])
     return path
+
+
+def _checkpointed_since_start(out: Path, run_name: str) -> bool:
+    """Whether the run that wrote ``<out>/run.json`` saved a checkpoint of training ``run_name``
+    (an older one is an earlier run's, which a fresh training replaces)."""
+    marker = out / RUN_FILE
+    found = list_checkpoints(out / "train" / run_name)
+    if not marker.is_file() or not found:
+        return False
+    return (found[-1][1] / CHECKPOINT_MANIFEST).stat().st_mtime >= marker.stat().st_mtime
 
 
 def _evaluate_all(cfg: Config, ckpt0: Path, results: dict):

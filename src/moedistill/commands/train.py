@@ -36,9 +36,18 @@ from moedistill.config import Config
 from moedistill.dist import barrier, launched_rank, launched_world
 from moedistill.errors import UserError
 from moedistill.files import atomic_write_json
-from moedistill.integrity import check_context, check_vocab, config_vocab, output_vocab, verify_checkpoint
+from moedistill.integrity import check_context, check_vocab, config_vocab, output_vocab
+from moedistill.locking import lock_on_rank0
 from moedistill.models import config_or_none
-from moedistill.stages import check_stages, initial_eval, plan_stages, read_log, run_stages
+from moedistill.stages import (
+    check_may_start,
+    check_stages,
+    initial_eval,
+    locate_checkpoint,
+    plan_stages,
+    read_log,
+    run_stages,
+)
 from moedistill.targets import eval_kl_key
 
 logger = logging.getLogger(__name__)
@@ -137,12 +146,23 @@ def train_from_config(
     """
     common.setup_logging()
     run_dir = Path(cfg.output_dir) / "train" / run_name
-    args = training_arguments(cfg, run_dir)
+    args = training_arguments(cfg, run_dir)  # under torchrun this sets up the process group
+    # one writer per run directory, to the end (caches and checkpoint-0 take their own locks as they are written)
+    with lock_on_rank0(run_dir, "run directory"):
+        return _train(cfg, resume, args, run_dir, student=student, cache_dir=cache_dir, loss_overrides=loss_overrides)
+
+
+def _train(cfg: Config, resume, args, run_dir: Path, *, student, cache_dir, loss_overrides) -> dict:
+    """What :func:`train_from_config` does, with the run directory locked."""
+    # these need only the run dir: a mistyped output_dir or a finished run stops here, before
+    # hours of compression and caching
+    if resume:
+        locate_checkpoint(run_dir, resume)
+    else:
+        check_may_start(run_dir, cfg.overwrite)
     model, student_name = _load_student(cfg, student)
     tokenizer = common.teacher_tokenizer(cfg)
     _check_student(cfg, model, student_name, args, loss_overrides)
-    if resume not in (None, "latest", "last"):  # a damaged checkpoint stops the run before any cache work
-        verify_checkpoint(resume)
     if cache_dir:  # a given cache is used as it is (open_cache still checks teacher and seq_len)
         train_path = Path(cache_dir)
         train_ds = open_cache(train_path, expect={"teacher": cfg.teacher.name, "seq_len": cfg.data.seq_len})
@@ -158,6 +178,7 @@ def train_from_config(
     )
     out = run_stages(
         model, stages, args, run_dir, train_dataset=train_ds, eval_dataset=eval_ds, resume=resume,
+        overwrite=cfg.overwrite,
         processing_class=tokenizer,
     )
     history = read_log(run_dir)

@@ -18,7 +18,7 @@ from torch import nn
 from moedistill.compression.init import copy_non_experts, finish_transplant
 from moedistill.compression.modeling_moedistill import ARCHITECTURES, CompressedExperts, find_moe_blocks
 from moedistill.errors import UserError
-from moedistill.files import atomic_dir
+from moedistill.files import atomic_dir, disk_full_as_error, model_bytes
 from moedistill.models import get_model, load_tokenizer, parse_dtype
 
 
@@ -80,6 +80,8 @@ def export_checkpoint(ckpt, out, dtype=None) -> Path:
         ``Path(out)``.
     """
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"export target {out} is a file; choose a new directory")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"export target {out} exists and is not empty; choose a new directory or remove it")
     if not Path(ckpt).is_dir():
@@ -89,7 +91,10 @@ def export_checkpoint(ckpt, out, dtype=None) -> Path:
     student, _ = get_model(str(ckpt), with_tokenizer=False)
     _plain_classes(student)  # a clear error before any work if this is not ours
     dense = to_plain_model(student, dtype=parse_dtype(dtype))
-    with atomic_dir(out) as tmp:  # whole or absent: a crash mid-export leaves only <out>.tmp
+    # whole or absent: a crash mid-export leaves only <out>.tmp; a full disk one line (and no <out>.tmp)
+    tokenizer_bytes = sum(f.stat().st_size for f in Path(ckpt).glob("tokenizer*") if f.is_file())
+    needed = model_bytes(dense) + tokenizer_bytes + (1 << 20)
+    with disk_full_as_error(out, needed=needed), atomic_dir(out) as tmp:
         dense.save_pretrained(tmp)
         if any((Path(ckpt) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
             load_tokenizer(str(ckpt)).save_pretrained(tmp)
