@@ -32,12 +32,23 @@ How it is measured (all variants in one run of this script):
   at the requested size it is measured at fewer positions (halving), against CE at the
   same size in the same process, since every cost here is linear in the positions.
 
+Section ``fused``: forward + backward from the final hidden states [positions, H] through
+an lm_head weight [V, H] (trainable, then frozen), each variant in its own fresh process:
+  (a) today's path   F.linear(hidden, W) then distillation_loss on the logits
+  (b) plain CE       F.linear(hidden, W) then F.cross_entropy
+  (c) fused          moedistill.losses.fused_linear_distillation_loss(hidden, W, ...)
+(c)'s process alternates (c) with (a), (b)'s alternates (b) with (a); peaks are above the
+inputs (hidden, weight, targets) and include the gradients the step leaves behind
+(hidden.grad, weight.grad). ``python benchmarks/bench_loss.py --section fused``
+(V = 151,936, H = 2,048, 4,096 positions, k = 64: about 15 minutes on 2 cores, ~11 GB).
+
 Section ``step``: one optimizer step of the tiny student (checkpoint-0 of the embedded
 teacher, the embedded default's batch 16 x 128) along the DistillationTrainer's path:
   (a) CE only                     student forward + F.cross_entropy + backward + AdamW
   (b) distill, cache              training_step on a batch carrying top-k targets
   (c) distill, online teacher     training_step with the teacher computing full logits
-Each of (b), (c) is timed in its own fresh process alternating with (a), as above, and
+  (d) distill, cache, fused       (b) with loss.fused_linear=true
+Each of (b), (c), (d) is timed in its own fresh process alternating with (a), as above, and
 its peak measured in another (glibc told to mmap every allocation >= 64 KiB, so a tiny
 model's freed tensors leave the RSS; that slows allocation, hence the separate timing
 process); the teacher is not resident in (b)'s processes. "with models" adds what the step holds
@@ -340,6 +351,7 @@ def loss_section(args):
 STEP_VARIANTS = {
     "ce": "(a) CE only",
     "cache": "(b) distill, cache",
+    "fused": "(d) distill, cache, fused_linear",
     "online": "(c) distill, online teacher",
 }
 
@@ -366,6 +378,7 @@ def _step_worker(variant: str, cfg_dict: dict, measure: str) -> dict:
         teacher is not in the process while measuring), then the AdamW step.
     (c) online: DistillationTrainer.training_step with the teacher beside the student,
         computing its full logits under no_grad, then the AdamW step.
+    (d) fused: (b) with ``loss.fused_linear``: the lm_head inside the loss.
     """
     import gc
 
@@ -386,7 +399,7 @@ def _step_worker(variant: str, cfg_dict: dict, measure: str) -> dict:
     blocks = prepare(tok, "tiny", seq_len=cfg.seq_len, max_sequences=cfg.batch_size).blocks
     ids = torch.as_tensor(blocks, dtype=torch.long)
     batch = {"input_ids": ids, "labels": shifted_labels(ids)}
-    if variant == "cache":  # what the cache holds: top-k log-probs of the teacher at T=1
+    if variant in ("cache", "fused"):  # what the cache holds: top-k log-probs of the teacher at T=1
         with torch.no_grad():
             top = torch.log_softmax(teacher(input_ids=ids).logits.float(), -1).topk(cfg.k, -1)
         batch |= {"target_ids": top.indices, "target_logprobs": top.values}
@@ -400,7 +413,7 @@ def _step_worker(variant: str, cfg_dict: dict, measure: str) -> dict:
         output_dir="/tmp/moedistill-bench-step", use_cpu=cfg.device == "cpu", report_to=[], learning_rate=1e-5,
         max_grad_norm=0.0,
     )
-    loss = LossConfig(alpha=cfg.alpha, temperature=cfg.temperature)
+    loss = LossConfig(alpha=cfg.alpha, temperature=cfg.temperature, fused_linear=variant == "fused")
     trainer = DistillationTrainer(student, args, teacher=teacher if variant == "online" else None, loss=loss)
     optimizer = trainer.create_optimizer()
     n_items = batch["labels"].ne(-100).sum()
@@ -462,7 +475,7 @@ def step_section(args):
         f"device={cfg.device}, {cfg.repeats} timed rounds"
     )
     results = {}
-    for variant in ("cache", "online"):
+    for variant in ("cache", "online", "fused"):
         t0 = time.perf_counter()
         # memory: glibc told to mmap every allocation >= 64 KiB, so the small tensors of a tiny
         # model leave the RSS when freed and each step's peak shows in VmHWM. That makes every
@@ -512,10 +525,147 @@ def step_section(args):
     return results
 
 
+# --------------------------------------------------------------------------- section: fused
+
+
+FUSED_VARIANTS = {
+    "today": "(a) lm_head + distillation_loss",
+    "ce": "(b) lm_head + plain CE",
+    "fused": "(c) fused_linear_distillation_loss",
+}
+
+
+@dataclass
+class FusedBench:
+    positions: int
+    vocab: int
+    hidden: int
+    k: int
+    alpha: float
+    temperature: float
+    tail: str
+    chunk_size: int
+    dtype: str
+    repeats: int
+    device: str
+    frozen: bool
+    seed: int = 0
+
+
+def _fused_inputs(cfg: FusedBench):
+    """Hidden states [1, N, H], lm_head weight [V, H] (trainable unless frozen), labels and
+    top-k targets as in the loss section; logits ~ N(0, 4) as there."""
+    import torch
+
+    g = torch.Generator().manual_seed(cfg.seed + 1)
+    dtype = getattr(torch, cfg.dtype)
+    hidden = torch.randn(1, cfg.positions, cfg.hidden, generator=g).to(dtype).to(cfg.device).requires_grad_(True)
+    weight = (torch.randn(cfg.vocab, cfg.hidden, generator=g) * (2.0 / cfg.hidden**0.5)).to(dtype).to(cfg.device)
+    weight.requires_grad_(not cfg.frozen)
+    n, v, k = cfg.positions, cfg.vocab, cfg.k  # targets made as in the loss section
+    labels = torch.randint(0, v, (1, n), generator=g).to(cfg.device)
+    base = torch.randint(0, v, (n, 1), generator=g)
+    step = torch.randint(1, max(v // k, 2), (n, 1), generator=g)
+    ids = ((base + torch.arange(k) * step) % v).unsqueeze(0).to(cfg.device)
+    lps = torch.log_softmax(torch.randn(n, k + 1, generator=g) * 3.0, -1)[:, :k]
+    lps = lps.sort(-1, descending=True).values.unsqueeze(0).to(cfg.device)
+    return hidden, weight, labels, ids, lps
+
+
+def _fused_step(variant, cfg: FusedBench, hidden, weight, labels, ids, lps):
+    import torch.nn.functional as F
+
+    from moedistill.losses import distillation_loss, fused_linear_distillation_loss
+
+    kw = dict(alpha=cfg.alpha, temperature=cfg.temperature, tail=cfg.tail, chunk_size=cfg.chunk_size)
+    if variant == "fused":
+        loss = fused_linear_distillation_loss(hidden, weight, labels, ids, lps, **kw).total
+    else:
+        logits = F.linear(hidden, weight)
+        if variant == "ce":
+            loss = F.cross_entropy(logits.view(-1, cfg.vocab), labels.view(-1))
+        else:
+            loss = distillation_loss(logits, labels, ids, lps, **kw).total
+        del logits  # autograd keeps what it needs; the caller holds nothing
+    loss.backward()
+    hidden.grad = None
+    weight.grad = None
+
+
+def _fused_worker(variant: str, cfg_dict: dict) -> dict:
+    """In a fresh process: ``variant`` alternating with (a) today's path, ``repeats`` rounds;
+    the first round also measures each one's peak memory above the inputs."""
+    import torch
+
+    cfg = FusedBench(**cfg_dict)
+    hidden, weight, labels, ids, lps = _fused_inputs(cfg)
+    held = sum(t.numel() * t.element_size() for t in (hidden, weight, labels, ids, lps))
+    names = list(dict.fromkeys([variant, "today"]))
+    peaks, times = {}, {name: [] for name in names}
+    for r in range(cfg.repeats):
+        for name in names:
+            _sync(cfg.device)
+            if r == 0:
+                with peak_memory(cfg.device) as mem:
+                    t0 = time.perf_counter()
+                    _fused_step(name, cfg, hidden, weight, labels, ids, lps)
+                    _sync(cfg.device)
+                    times[name].append(time.perf_counter() - t0)
+                peaks[name] = mem["peak"]
+            else:
+                t0 = time.perf_counter()
+                _fused_step(name, cfg, hidden, weight, labels, ids, lps)
+                _sync(cfg.device)
+                times[name].append(time.perf_counter() - t0)
+    return {"peak": peaks[variant], "today_peak": peaks["today"], "method": mem["method"], "held": held,
+            "times": times[variant], "today_times": times["today"], "threads": torch.get_num_threads()}
+
+
+def fused_section(args):
+    elem = {"float32": 4, "bfloat16": 2, "float16": 2}[args.dtype]
+    all_results = {}
+    for frozen in (False, True):
+        cfg = FusedBench(positions=args.positions, vocab=args.vocab, hidden=args.hidden, k=args.k, alpha=args.alpha,
+                         temperature=args.temperature, tail=args.tail, chunk_size=args.chunk_size, dtype=args.dtype,
+                         repeats=args.fused_repeats, device=args.device, frozen=frozen)
+        head = "frozen lm_head (no weight gradient)" if frozen else "trainable lm_head"
+        print(
+            f"\nfused linear loss, {head}: fwd+bwd from the hidden states, {cfg.positions} positions, H={cfg.hidden}, "
+            f"V={cfg.vocab}, k={cfg.k}, {cfg.dtype} (logits {_gb(cfg.positions * cfg.vocab * elem)} GB, "
+            f"weight {_gb(cfg.vocab * cfg.hidden * elem)} GB), alpha={cfg.alpha}, T={cfg.temperature}, "
+            f"tail={cfg.tail}, device={cfg.device}, {cfg.repeats} timed rounds",
+            flush=True,
+        )
+        results = {}
+        for variant in ("fused", "ce"):
+            t0 = time.perf_counter()
+            results[variant] = run_in_fresh_process(_fused_worker, variant, asdict(cfg))
+            print(f"  {FUSED_VARIANTS[variant]} beside (a) done in {time.perf_counter() - t0:.0f} s", flush=True)
+        f, c = results["fused"], results["ce"]
+        ref_peak, ref_time = f["today_peak"], median(f["today_times"])
+        rows = []
+        for name, peak, times in [("today", ref_peak, f["today_times"]), ("ce", c["peak"], c["times"]),
+                                  ("fused", f["peak"], f["times"])]:
+            # CE's time is against (a) of its own process; the others against (a) of the fused process
+            ref_t = median(c["today_times"]) if name == "ce" else ref_time
+            rows.append([FUSED_VARIANTS[name], f"{median(times):.2f}", f"{median(times) / ref_t:.2f}x",
+                         _gb(peak), f"{peak / ref_peak:.2f}x", f"{peak / c['peak']:.2f}x"])
+        print_table(
+            f"{head}: ratios to (a) today's path and (b) plain CE",
+            ["variant", "time s", "time/(a)", "peak GB", "peak/(a)", "peak/(b)"],
+            rows,
+        )
+        print(f"time: median of {cfg.repeats}, alternating with (a) in the same process; peak above the inputs "
+              f"(hidden, weight, labels, targets: {_gb(f['held'])} GB), {f['method']}, including the gradients "
+              f"left in hidden.grad and weight.grad; {f['threads']} threads.")
+        all_results["frozen" if frozen else "trainable"] = results
+    return all_results
+
+
 # --------------------------------------------------------------------------- main
 
 # name -> function(args); a section adds its own flags in _add_flags below.
-SECTIONS = {"loss": loss_section, "step": step_section}
+SECTIONS = {"loss": loss_section, "step": step_section, "fused": fused_section}
 
 
 def _add_flags(p: argparse.ArgumentParser):
@@ -530,6 +680,9 @@ def _add_flags(p: argparse.ArgumentParser):
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g.add_argument("--dense-repeats", type=int, default=1, help="timed rounds of (c); one takes ~1 min on 2 cores")
     g.add_argument("--skip", nargs="*", default=[], choices=list(LOSS_VARIANTS), help="variants to leave out")
+    g = p.add_argument_group("fused section (also uses --positions, --vocab, --k, --alpha, ...)")
+    g.add_argument("--hidden", type=int, default=2048, help="hidden size H of the lm_head (Qwen3-30B-A3B: 2,048)")
+    g.add_argument("--fused-repeats", type=int, default=2, help="timed rounds per variant (one is ~1 min on 2 cores)")
     g = p.add_argument_group("step section")
     g.add_argument("--step-batch-size", type=int, default=16, help="the embedded default's batch")
     g.add_argument("--step-seq-len", type=int, default=128)

@@ -465,6 +465,10 @@ def _cases(w):
                                                str(w.ref / RUN / "final")], "holds other data (tiny::train)"),
         # a mistyped output_dir: stops before compression and caching (nothing appears under it)
         ("resume-in-empty-dir", "train", ["--resume"], "no checkpoint to resume from in"),
+        # launched by `accelerate launch --config_file fsdp.yaml` (the variable it sets): stops
+        # before checkpoint-0 and the caches are made
+        ("fused-under-fsdp", "train", ["loss.fused_linear=true"],
+         "loss.fused_linear=true is not supported under FSDP yet"),
     ]
 
 
@@ -473,7 +477,9 @@ CASE_IDS = [c[0] for c in _cases(SimpleNamespace(vocab=0, data_dir=Path(), teach
 
 
 @pytest.mark.parametrize("case", CASE_IDS)
-def test_bad_input_is_one_line_exit_2_nothing_touched(world, capsys, case):
+def test_bad_input_is_one_line_exit_2_nothing_touched(world, capsys, monkeypatch, case):
+    if case == "fused-under-fsdp":
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     if case == "cache-of-another-tokenizer" and not (world.root / "other-tokenizer").exists():
         # the teacher's weights, config and name pattern with a tokenizer that has one more token
         from moedistill.models import load_tokenizer
@@ -588,12 +594,15 @@ TWO_PROCESSES = ("training.per_device_train_batch_size=1", "training.gradient_ac
 def test_torchrun_two_processes_train_like_one(world, tmp_path):
     """2 CPU processes (gloo), each accumulating 2 micro-batches of 1 sequence, against the
     reference (1 process, batches of 4 sequences): the same global batches, so the same loss
-    curve and weights up to float summation order.
+    curve and weights up to float summation order. The 2 processes also run the fused lm_head
+    (``loss.fused_linear=true``; the reference does not): DDP gets the tied embedding's
+    gradient from the loss, and the curve is still the reference's.
     Then the same 2-process run crashed after a checkpoint and resumed under torchrun."""
     out = with_caches(world, tmp_path / "out")
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    fused_two = (*TWO_PROCESSES, "loss.fused_linear=true")
     cmd = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "moedistill.cli", "train",
-           *overrides(world, out, *TWO_PROCESSES)]
+           *overrides(world, out, *fused_two)]
     r = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-12000:]
     ref = {e["step"]: e for e in train_log(world.ref) if "loss" in e}
@@ -623,7 +632,7 @@ def test_torchrun_two_processes_train_like_one(world, tmp_path):
     with open(crashed / RUN / "log.jsonl", "a") as f:  # what the crashed run logged after its checkpoint
         f.write(json.dumps({"step": 7, "stage": 1, "loss": 99.0}) + "\n")
     cmd = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "moedistill.cli", "train", "--resume",
-           *overrides(world, crashed, *TWO_PROCESSES)]
+           *overrides(world, crashed, *fused_two)]
     r = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stderr[-12000:]
     assert_same_weights(crashed, out)

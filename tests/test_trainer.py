@@ -25,7 +25,7 @@ def tiny_moe(seed: int, **overrides) -> Qwen3MoeForCausalLM:
     cfg = Qwen3MoeConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_experts=4, num_experts_per_tok=2,
-        max_position_embeddings=32, tie_word_embeddings=True, **overrides,
+        max_position_embeddings=32, **({"tie_word_embeddings": True} | overrides),
     )
     return Qwen3MoeForCausalLM(cfg).eval()
 
@@ -456,3 +456,86 @@ def test_training_arguments_pass_through(tmp_path):
     assert args.bf16 and args.gradient_accumulation_steps == 4 and args.seed == 7
     assert args.remove_unused_columns is False and args.output_dir == str(tmp_path / "run")
     assert args.per_device_eval_batch_size == cfg.eval.batch_size
+
+
+# --------------------------------------------------------------------------- loss.fused_linear
+
+
+def _fused_pair(tmp_path, data, *, student_kw=None, rules=None, teacher=None, **args_kw):
+    """The same training run with and without loss.fused_linear -> [(log, grads of step 1, eval)] x 2."""
+    out = []
+    for fused in (False, True):
+        tap = GradTap()
+        student = tiny_moe(1, **(student_kw or {}))
+        widths = set()  # the last dimension of everything the lm_head returns
+        student.lm_head.register_forward_hook(lambda m, i, o: widths.add(o.shape[-1]))
+        trainer = DistillationTrainer(
+            student, targs(tmp_path, max_steps=2, **args_kw), train_dataset=data,
+            eval_dataset=data, callbacks=[tap], teacher=teacher,
+            loss=LossConfig(alpha=0.6, temperature=2.0, tail="tail", chunk_size=5, fused_linear=fused),
+            param_groups=rules,
+        )
+        trainer.train()
+        assert widths == ({32} if fused else {VOCAB})  # fused: the head passes the hidden states through
+        logs = [e[k] for e in trainer.state.log_history if "loss" in e for k in ("loss", "ce_loss", "kl_loss")]
+        out.append((logs, tap.grads[0], trainer.evaluate(), trainer))
+    return out
+
+
+def _assert_same_run(plain, fused, rel=1e-5):
+    assert fused[0] == pytest.approx(plain[0], rel=rel, abs=1e-6)
+    assert fused[1].keys() == plain[1].keys()
+    for name in plain[1]:
+        torch.testing.assert_close(fused[1][name], plain[1][name], rtol=rel, atol=1e-7, msg=name)
+    for key in ("eval_loss", "eval_ce", "eval_kl_lower_bound", "eval_kl_exact", "eval_perplexity"):
+        if key in plain[2]:
+            assert fused[2][key] == pytest.approx(plain[2][key], rel=rel), key
+
+
+def test_fused_linear_trains_like_the_unfused_loss_with_tied_embeddings(tmp_path, data):
+    """Tied embeddings (the tiny Qwen3-MoE ties them): the shared weight gets both gradients;
+    two micro-batches with uneven masks accumulate like the unfused loss; the logits are never made."""
+    plain, fused = _fused_pair(tmp_path, data, per_device_train_batch_size=2, gradient_accumulation_steps=2)
+    _assert_same_run(plain, fused)
+    trainer = fused[3]
+    assert trainer._lm_head is trainer.model.lm_head and trainer.model.lm_head.weight is \
+        trainer.model.model.embed_tokens.weight
+    batch = collate([data[i] for i in range(2)])
+    _, outputs = trainer.compute_loss(trainer.model, batch, return_outputs=True)
+    assert outputs["last_hidden_state"].shape[-1] == 32  # hidden states, not [.., V] logits
+    assert "forward" not in trainer.model.lm_head.__dict__  # the lm_head is itself again
+
+
+def test_fused_linear_untied_frozen_head_and_online_teacher(tmp_path, teacher, data):
+    rules = ParamGroupsConfig(rules=[ParamGroupRule(r"lm_head", 0.0)])
+    plain, fused = _fused_pair(tmp_path, data, student_kw=dict(tie_word_embeddings=False), rules=rules)
+    _assert_same_run(plain, fused)
+    assert "lm_head.weight" not in fused[1]  # frozen: no gradient at all
+    plain, fused = _fused_pair(tmp_path, make_items(teacher, targets=False), teacher=teacher)
+    _assert_same_run(plain, fused)
+
+
+def test_fused_linear_with_router_aux_loss_and_bf16_autocast(tmp_path, data):
+    plain, fused = _fused_pair(tmp_path, data, student_kw=dict(output_router_logits=True, router_aux_loss_coef=0.5))
+    _assert_same_run(plain, fused)
+    plain, fused = _fused_pair(tmp_path, data, bf16=True)  # CPU autocast: matmuls in bf16 on both paths
+    assert fused[0] == pytest.approx(plain[0], rel=2e-2)
+    for name in plain[1]:
+        g, r = fused[1][name], plain[1][name]
+        assert (g - r).norm() <= 5e-2 * r.norm() + 1e-8, name
+
+
+def test_fused_linear_refuses_what_it_cannot_do(tmp_path, data):
+    student = tiny_moe(1, tie_word_embeddings=False)
+    student.lm_head = torch.nn.Sequential(student.lm_head)
+    fused = LossConfig(fused_linear=True)
+    with pytest.raises(UserError, match="output layer is an nn.Linear, got Sequential"):
+        DistillationTrainer(student, targs(tmp_path), train_dataset=data, loss=fused)
+    student = tiny_moe(1)
+    student.config.final_logit_softcapping = 30.0
+    with pytest.raises(UserError, match="final_logit_softcapping"):
+        DistillationTrainer(student, targs(tmp_path), train_dataset=data, loss=fused)
+    trainer = DistillationTrainer(tiny_moe(1), targs(tmp_path), train_dataset=data)
+    trainer.is_fsdp_enabled = True  # what accelerate's FSDP plugin sets; the engine itself needs GPUs here
+    with pytest.raises(UserError, match="not supported under FSDP yet.*loss.fused_linear=false"):
+        trainer._fused_head(trainer.model)

@@ -72,6 +72,7 @@ class LossConfig:
     temperature: float = 2.0
     tail: str = "renormalize"  # renormalize | tail | sample
     chunk_size: int = 1024  # positions per chunk when upcasting student logits
+    fused_linear: bool = False  # the lm_head inside the loss: the [B, T, V] logits never exist
 
 
 @dataclass

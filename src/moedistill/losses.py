@@ -78,7 +78,10 @@ TAIL_MODES = ("renormalize", "tail", "sample")
 # per chunk and 2.5 s with 1,024 (2 shared cores; with 32-64 per-op overhead dominated).
 CPU_CHUNK_BYTES = 128 * 2**20
 
-__all__ = ["LossOutput", "teacher_loss", "distillation_loss", "dense_distillation_loss", "IGNORE_INDEX", "TAIL_MODES"]
+__all__ = [
+    "LossOutput", "teacher_loss", "distillation_loss", "dense_distillation_loss", "fused_linear_teacher_loss",
+    "fused_linear_distillation_loss", "fused_linear_dense_distillation_loss", "IGNORE_INDEX", "TAIL_MODES",
+]
 
 
 class LossOutput(NamedTuple):
@@ -162,33 +165,7 @@ def distillation_loss(
     if tail not in TAIL_MODES:
         raise UserError(f"tail={tail!r} is not a loss mode; use one of {', '.join(TAIL_MODES)}")
     flat, lab, vocab = _flatten_student(student_logits, labels)
-    lead = tuple(labels.shape)
-    if target_ids.shape[:-1] != lead or target_logprobs.shape != target_ids.shape:
-        raise UserError(
-            f"target_ids {tuple(target_ids.shape)} / target_logprobs {tuple(target_logprobs.shape)} "
-            f"do not match labels {lead} + [W]; pass the cache item's targets for the same positions"
-        )
-    if tail == "sample":
-        if target_counts is None:
-            raise UserError("tail='sample' needs target_counts; use a sample-mode cache or another loss.tail")
-        if target_counts.shape != target_ids.shape:
-            raise UserError(
-                f"target_counts {tuple(target_counts.shape)} must match target_ids {tuple(target_ids.shape)}"
-            )
-    width = target_ids.shape[-1]
-    if target_ids.numel() and int(target_ids.max()) >= vocab:
-        raise UserError(
-            f"target id {int(target_ids.max())} is outside the student's vocabulary of {vocab}; "
-            f"the cache was made with a different tokenizer or vocabulary size"
-        )
-    teacher = _SparseTeacher(
-        target_ids.reshape(-1, width),
-        target_logprobs.reshape(-1, width),
-        None if target_counts is None else target_counts.reshape(-1, width),
-        tail,
-        temperature,
-        vocab,
-    )
+    teacher = _sparse_teacher(labels, target_ids, target_logprobs, target_counts, tail, temperature, vocab)
     return _run(student_logits, flat, lab, teacher, alpha, temperature, num_items_in_batch, chunk_size)
 
 
@@ -227,6 +204,113 @@ def dense_distillation_loss(
     return _run(student_logits, flat, lab, teacher, alpha, temperature, num_items_in_batch, chunk_size)
 
 
+def fused_linear_distillation_loss(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    target_ids: torch.Tensor,
+    target_logprobs: torch.Tensor,
+    *,
+    alpha: float,
+    temperature: float,
+    tail: str = "renormalize",
+    target_counts: torch.Tensor | None = None,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    chunk_size: int = 1024,
+    lm_head_bias: torch.Tensor | None = None,
+) -> LossOutput:
+    """``distillation_loss(hidden @ lm_head_weight.T + lm_head_bias, ...)`` without the logits.
+
+    Why: the student's logits are the largest activation of a training step. At
+    V = 151,936 and 4 x 2,048 positions they are 2.5 GB in bf16 (5 GB in fp32), and their
+    gradient as much again; ``distillation_loss`` never copies them, but the lm_head still
+    makes them whole and autograd keeps their gradient until the lm_head's backward. Here
+    the lm_head runs inside the loss, one chunk of counted positions at a time: the chunk's
+    logits go straight into the engine's fp32 work buffer, and the moment the chunk's
+    d loss / d logits is known it becomes d loss / d hidden (``g @ W``, written into one
+    [N, H] buffer) and d loss / d W (``g.T @ h``, added into one fp32 [V, H] buffer), and the
+    chunk is dropped. Fwd+bwd then holds the weight's gradient (which any path must produce),
+    a [N, H] gradient (H / V of the logits: 1.3% at H = 2,048) and the chunk-sized
+    temporaries: 2-4 buffers of 128 MiB of fp32 each on CPU, 256 MiB on GPU (220 and 441 positions at
+    V = 151,936). The three
+    matmuls are those of the lm_head's forward and backward, so the time is about the
+    same; nothing is recomputed. Like ``distillation_loss`` the backward runs once.
+
+    Args:
+        hidden: [B, T, H] (or [..., H] matching labels), the final hidden states, any
+            float dtype. Under autocast the matmuls run in the autocast dtype, as the
+            lm_head's would; otherwise in the promoted dtype of hidden and weight.
+        lm_head_weight: [V, H], the output layer's weight (the input embedding when tied).
+            No weight gradient is computed when it does not require grad (a frozen head).
+        lm_head_bias: [V] or None.
+        labels, target_ids, target_logprobs, alpha, temperature, tail, target_counts,
+        num_items_in_batch, chunk_size: as in :func:`distillation_loss`.
+
+    Returns:
+        LossOutput(total, ce, kl); gradients flow to hidden, weight and bias.
+    """
+    _check_scalars(alpha, temperature, chunk_size)
+    if tail not in TAIL_MODES:
+        raise UserError(f"tail={tail!r} is not a loss mode; use one of {', '.join(TAIL_MODES)}")
+    flat_h, lab, vocab = _flatten_hidden(hidden, lm_head_weight, lm_head_bias, labels)
+    teacher = _sparse_teacher(labels, target_ids, target_logprobs, target_counts, tail, temperature, vocab)
+    return _run_linear(hidden, flat_h, lm_head_weight, lm_head_bias, lab, teacher, alpha, temperature,
+                       num_items_in_batch, chunk_size)
+
+
+def fused_linear_dense_distillation_loss(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    alpha: float,
+    temperature: float,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    chunk_size: int = 1024,
+    lm_head_bias: torch.Tensor | None = None,
+) -> LossOutput:
+    """``dense_distillation_loss(hidden @ W.T + b, teacher_logits, ...)`` without the
+    student's logits (an online teacher's logits still exist whole); see
+    :func:`fused_linear_distillation_loss`."""
+    _check_scalars(alpha, temperature, chunk_size)
+    flat_h, lab, vocab = _flatten_hidden(hidden, lm_head_weight, lm_head_bias, labels)
+    if tuple(teacher_logits.shape) != (*labels.shape, vocab):
+        raise UserError(
+            f"teacher logits {tuple(teacher_logits.shape)} do not match labels {tuple(labels.shape)} + "
+            f"[{vocab}] (the lm_head's vocabulary); teacher and student must share the vocabulary and positions"
+        )
+    teacher = _DenseTeacher(teacher_logits.detach().reshape(-1, vocab), temperature)
+    return _run_linear(hidden, flat_h, lm_head_weight, lm_head_bias, lab, teacher, alpha, temperature,
+                       num_items_in_batch, chunk_size)
+
+
+def fused_linear_teacher_loss(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    labels: torch.Tensor,
+    targets: Targets,
+    *,
+    alpha: float,
+    temperature: float,
+    tail: str = "renormalize",
+    num_items_in_batch: int | torch.Tensor | None = None,
+    chunk_size: int = 1024,
+    lm_head_bias: torch.Tensor | None = None,
+) -> LossOutput:
+    """:func:`teacher_loss` with the lm_head fused in: dense or sparse targets alike."""
+    common = dict(alpha=alpha, temperature=temperature, num_items_in_batch=num_items_in_batch,
+                  chunk_size=chunk_size, lm_head_bias=lm_head_bias)
+    if isinstance(targets, DenseTargets):
+        return fused_linear_dense_distillation_loss(hidden, lm_head_weight, targets.logits, labels, **common)
+    if not isinstance(targets, SparseTargets):
+        raise TypeError(f"targets must be TopKTargets, SampledTargets or DenseTargets, got {type(targets).__name__}")
+    return fused_linear_distillation_loss(
+        hidden, lm_head_weight, labels, targets.ids, targets.logprobs, tail=tail,
+        target_counts=getattr(targets, "counts", None), **common,
+    )
+
+
 # --------------------------------------------------------------------------- checks
 
 
@@ -254,37 +338,156 @@ def _flatten_student(student_logits, labels):
     except RuntimeError:
         warnings.warn("student logits are not viewable as [N, V]; copying them (pass contiguous logits to save memory)")
         flat = student_logits.reshape(-1, vocab)
-    lab = labels.reshape(-1)
+    return flat, _check_labels(labels.reshape(-1), vocab), vocab
+
+
+def _check_labels(lab, vocab):
     bad = (lab != IGNORE_INDEX) & ((lab < 0) | (lab >= vocab))
     if bool(bad.any()):
         raise UserError(
             f"label {int(lab[bad][0])} is outside the vocabulary [0, {vocab}) and is not -100; "
             f"check the tokenizer and the label shifting"
         )
-    return flat, lab, vocab
+    return lab
+
+
+def _sparse_teacher(labels, target_ids, target_logprobs, target_counts, tail, temperature, vocab):
+    lead = tuple(labels.shape)
+    if target_ids.shape[:-1] != lead or target_logprobs.shape != target_ids.shape:
+        raise UserError(
+            f"target_ids {tuple(target_ids.shape)} / target_logprobs {tuple(target_logprobs.shape)} "
+            f"do not match labels {lead} + [W]; pass the cache item's targets for the same positions"
+        )
+    if tail == "sample":
+        if target_counts is None:
+            raise UserError("tail='sample' needs target_counts; use a sample-mode cache or another loss.tail")
+        if target_counts.shape != target_ids.shape:
+            raise UserError(
+                f"target_counts {tuple(target_counts.shape)} must match target_ids {tuple(target_ids.shape)}"
+            )
+    width = target_ids.shape[-1]
+    if target_ids.numel() and int(target_ids.max()) >= vocab:
+        raise UserError(
+            f"target id {int(target_ids.max())} is outside the student's vocabulary of {vocab}; "
+            f"the cache was made with a different tokenizer or vocabulary size"
+        )
+    return _SparseTeacher(
+        target_ids.reshape(-1, width),
+        target_logprobs.reshape(-1, width),
+        None if target_counts is None else target_counts.reshape(-1, width),
+        tail,
+        temperature,
+        vocab,
+    )
+
+
+def _flatten_hidden(hidden, weight, bias, labels):
+    """[..., H] hidden, [V, H] weight, [V] bias and [...] labels -> [N, H] hidden, [N] labels, V."""
+    for name, t in (("hidden states", hidden), ("lm_head weight", weight)):
+        if not t.is_floating_point():
+            raise UserError(f"{name} must be floating point, got {t.dtype}")
+    if weight.dim() != 2 or hidden.dim() < 2 or hidden.shape[-1] != weight.shape[1]:
+        raise UserError(
+            f"hidden states {tuple(hidden.shape)} and lm_head weight {tuple(weight.shape)} do not fit: "
+            f"the weight must be [V, H] with H the hidden states' last dimension"
+        )
+    if tuple(hidden.shape[:-1]) != tuple(labels.shape):
+        raise UserError(
+            f"hidden states {tuple(hidden.shape)} do not match labels {tuple(labels.shape)} + [H]; "
+            f"labels must be the shifted next-token ids for the same positions"
+        )
+    vocab = weight.shape[0]
+    if bias is not None and tuple(bias.shape) != (vocab,):
+        raise UserError(f"lm_head bias {tuple(bias.shape)} does not match the weight's vocabulary ({vocab},)")
+    lab = _check_labels(labels.reshape(-1), vocab)
+    return hidden.reshape(-1, hidden.shape[-1]), lab, vocab
+
+
+def _run_linear(hidden, flat_h, weight, bias, lab, teacher, alpha, temperature, num_items_in_batch, chunk_size):
+    rows, denom = _counted(lab, num_items_in_batch)
+    grad_on = torch.is_grad_enabled()
+    need = [grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias)]
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = torch.promote_types(hidden.dtype, weight.dtype)
+        if bias is not None:
+            dtype = torch.promote_types(dtype, bias.dtype)
+
+    def compute():
+        with torch.autocast(device_type, enabled=False):  # the dtypes are chosen above
+            source = _LinearSource(flat_h, weight, bias, dtype, *need)
+            total, ce, kl = _forward(source, lab, rows, teacher, alpha, temperature, denom, int(chunk_size))
+        if rows.numel() == 0:  # nothing counted: zero gradients (DDP expects one for every used weight)
+            source.start()
+        grads = (source.grad_h, source.grad_w, source.grad_b)
+        return total, ce, kl, grads
+
+    if any(need):
+        total, ce, kl = _FusedLinearLoss.apply(hidden, weight, bias, compute)
+    else:
+        total, ce, kl, _ = compute()
+    return LossOutput(total, ce, kl)
+
+
+class _FusedLinearLoss(torch.autograd.Function):
+    """Like ``_PrecomputedGradLoss`` for (hidden, weight, bias): the gradients are made in
+    forward, backward scales them and casts the weight's to its dtype."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, compute: Callable):
+        total, ce, kl, grads = compute()
+        ctx.grads = grads
+        ctx.meta = [(t.shape, t.dtype) if t is not None else None for t in (hidden, weight, bias)]
+        ctx.mark_non_differentiable(ce, kl)
+        return total, ce, kl
+
+    @staticmethod
+    def backward(ctx, g_total, _g_ce, _g_kl):
+        if ctx.grads is False:
+            raise RuntimeError("distillation loss: backward can run only once (its gradient buffers are consumed)")
+        grads, ctx.grads = ctx.grads, False
+        out = []
+        scale = None if bool(g_total == 1) else g_total
+        for g, meta in zip(grads, ctx.meta):
+            if g is None:
+                out.append(None)
+                continue
+            if scale is not None:
+                g.mul_(scale.to(g.dtype))
+            out.append(g.view(meta[0]) if g.dtype == meta[1] else g.to(meta[1]).view(meta[0]))
+        return (*out, None)
 
 
 # --------------------------------------------------------------------------- the chunked engine
 
 
 def _run(student_logits, flat, lab, teacher, alpha, temperature, num_items_in_batch, chunk_size):
-    rows = (lab != IGNORE_INDEX).nonzero().squeeze(1)
-    if num_items_in_batch is None:
-        denom = float(rows.numel())
-    else:
-        denom = float(num_items_in_batch)
-        if denom <= 0 and rows.numel() > 0:
-            raise ValueError(f"num_items_in_batch={denom} but this batch has {rows.numel()} counted positions")
+    rows, denom = _counted(lab, num_items_in_batch)
     need_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    source = _LogitsSource(flat, lab, need_grad)
 
     def compute():
-        return _forward(flat, lab, rows, teacher, alpha, temperature, denom, int(chunk_size), need_grad)
+        total, ce, kl = _forward(source, lab, rows, teacher, alpha, temperature, denom, int(chunk_size))
+        return total, ce, kl, source.grad if rows.numel() else None
 
     if need_grad:
         total, ce, kl = _PrecomputedGradLoss.apply(student_logits, compute)
     else:
         total, ce, kl, _ = compute()
     return LossOutput(total, ce, kl)
+
+
+def _counted(lab, num_items_in_batch):
+    """The counted rows (label != -100) and the divisor of the sums."""
+    rows = (lab != IGNORE_INDEX).nonzero().squeeze(1)
+    if num_items_in_batch is None:
+        return rows, float(rows.numel())
+    denom = float(num_items_in_batch)
+    if denom <= 0 and rows.numel() > 0:
+        raise ValueError(f"num_items_in_batch={denom} but this batch has {rows.numel()} counted positions")
+    return rows, denom
 
 
 class _PrecomputedGradLoss(torch.autograd.Function):
@@ -312,19 +515,17 @@ class _PrecomputedGradLoss(torch.autograd.Function):
         return grad.view(ctx.shape), None
 
 
-def _forward(flat, lab, rows, teacher, alpha, temperature, denom, chunk_size, need_grad):
-    """Loss parts (and, if need_grad, d total / d flat) over the counted ``rows`` of ``flat``."""
-    device = flat.device
+
+def _forward(source, lab, rows, teacher, alpha, temperature, denom, chunk_size):
+    """Loss parts over the counted ``rows``; the source gets each chunk's d total / d logits."""
+    device = source.device
+    vocab = source.vocab
     n = rows.numel()
     ce_sum = torch.zeros((), dtype=torch.float64, device=device)
     kl_sum = torch.zeros((), dtype=torch.float64, device=device)
     if n == 0:
-        return ce_sum.float(), ce_sum.float(), ce_sum.float(), None
-    grad = None
-    if need_grad:
-        grad = torch.empty_like(flat)
-        if n < flat.shape[0]:  # uncounted positions get exactly zero gradient
-            grad.index_fill_(0, (lab == IGNORE_INDEX).nonzero().squeeze(1), 0)
+        return ce_sum.float(), ce_sum.float(), ce_sum.float()
+    source.start()
     inv_t = 1.0 / temperature
     # d total / d logits = c_ce (softmax(z) - onehot(y)) + c_kl d KL / d u, with u = z / T.
     c_ce = (1.0 - alpha) / denom
@@ -333,10 +534,11 @@ def _forward(flat, lab, rows, teacher, alpha, temperature, denom, chunk_size, ne
     teacher.select(rows)
     # Chunk-sized fp32 work buffers, allocated once and reused: a fresh [C, V] allocation
     # per chunk costs page faults that take longer than the arithmetic on CPU.
-    if device.type == "cpu":
-        chunk_size = min(chunk_size, max(1, CPU_CHUNK_BYTES // (4 * flat.shape[1])))
+    cap = source.chunk_bytes(device)
+    if cap is not None:
+        chunk_size = min(chunk_size, max(1, cap // (4 * vocab)))
     rows_per_chunk = min(chunk_size, n)
-    work = lambda: torch.empty(rows_per_chunk, flat.shape[1], dtype=torch.float32, device=device)  # noqa: E731
+    work = lambda: torch.empty(rows_per_chunk, vocab, dtype=torch.float32, device=device)  # noqa: E731
     buf_x = work()
     buf_u = work() if (temperature != 1.0 or teacher.masks_probs) else None
     teacher.allocate(work)
@@ -345,7 +547,7 @@ def _forward(flat, lab, rows, teacher, alpha, temperature, denom, chunk_size, ne
         c = sum(b - a for a, b, _ in pieces)
         sl = slice(start, start + c)
         y = labels[sl]
-        x = _gather_rows(buf_x[:c], flat, pieces)  # the only upcast, one chunk at a time
+        x = source.load(buf_x[:c], pieces)  # the only upcast (or the chunk's logits), one chunk at a time
         # One fused softmax per temperature, in place (each row stays in cache across its
         # passes). The log-normaliser comes from the softmax at the row's argmax, where
         # p >= 1/V cannot underflow: lse = z_j - log p_j for any j.
@@ -364,7 +566,7 @@ def _forward(flat, lab, rows, teacher, alpha, temperature, denom, chunk_size, ne
             lse_t = lse
         kl_rows, beta = teacher.finish(state, p_t, lse_t)  # tail mode zeroes p_t on the stored ids
         kl_sum += kl_rows.sum(dtype=torch.float64)
-        if grad is None:
+        if not source.need_grad:
             continue
         # x holds softmax(z); turn it into this chunk's gradient, g = scale * x, in place.
         # d total / d z = c_ce (p - onehot(y)) + c_kl (beta p_T + teacher scatter or dense term).
@@ -380,12 +582,12 @@ def _forward(flat, lab, rows, teacher, alpha, temperature, denom, chunk_size, ne
         inv = 1.0 / _nonzero(scale)
         x.scatter_add_(1, y, (-c_ce * inv) * torch.ones(y.shape, dtype=x.dtype, device=device))
         teacher.add_grad(state, x, c_kl * inv)
-        _scatter_rows(grad, x, pieces, scale)  # scales and downcasts to the input dtype
+        source.store(x, pieces, scale)  # d total / d z = scale * x
 
     ce = (ce_sum / denom).float()
     kl = (kl_sum / denom).float()
     total = (1.0 - alpha) * ce + alpha * temperature**2 * kl
-    return total, ce, kl, grad
+    return total, ce, kl
 
 
 def _chunks(rows, chunk_size):
@@ -431,6 +633,114 @@ def _nonzero(x):
     if isinstance(x, float):
         return x if x != 0.0 else 1.0
     return torch.where(x != 0, x, torch.ones_like(x))
+
+
+# --------------------------------------------------------------------------- sources
+#
+# A source is where the engine's chunks of logits come from and where their gradient goes.
+# ``start()`` runs once before the first chunk; ``load(dst, pieces)`` writes the chunk's
+# logits (fp32 [C, V]) into ``dst`` and returns it; ``store(x, pieces, scale)`` receives
+# the chunk's d total / d logits as ``scale * x`` (x may be overwritten).
+
+
+class _LogitsSource:
+    """The student's logits exist: chunks are upcast copies; the gradient is one [N, V]
+    buffer of the logits' dtype."""
+
+    @staticmethod
+    def chunk_bytes(device):
+        """The most bytes of one fp32 [C, V] work buffer, or None for ``chunk_size`` as given."""
+        return CPU_CHUNK_BYTES if device.type == "cpu" else None
+
+    def __init__(self, flat, lab, need_grad):
+        self.flat, self.lab, self.need_grad = flat, lab, need_grad
+        self.device, self.vocab = flat.device, flat.shape[1]
+        self.grad = None
+
+    def start(self):
+        if self.need_grad:
+            self.grad = torch.empty_like(self.flat)
+            if int((self.lab != IGNORE_INDEX).sum()) < self.flat.shape[0]:  # uncounted: exactly zero
+                self.grad.index_fill_(0, (self.lab == IGNORE_INDEX).nonzero().squeeze(1), 0)
+
+    def load(self, dst, pieces):
+        return _gather_rows(dst, self.flat, pieces)
+
+    def store(self, x, pieces, scale):
+        _scatter_rows(self.grad, x, pieces, scale)  # scales and downcasts to the input dtype
+
+
+class _LinearSource:
+    """The logits are ``hidden @ weight.T (+ bias)``, made one chunk at a time; the gradient
+    w.r.t. the logits is turned at once into the gradients w.r.t. hidden, weight and bias.
+
+    ``dtype`` is the matmuls' dtype (the autocast dtype under autocast, as the lm_head would
+    run there); the weight is cast to it once. The weight's gradient is accumulated in fp32
+    (float64 for float64 weights) in one [V, H] buffer, and only when it is wanted."""
+
+    @staticmethod
+    def chunk_bytes(device):
+        # Here the chunk buffers are most of the loss's memory, so they are capped on GPUs
+        # too (256 MiB: 441 positions at V = 151,936, still a full-speed matmul). Every chunk
+        # adds into the whole [V, H] weight gradient, but on CPU that addmm ran at the same
+        # 115 GFLOP/s with 220 positions as the forward matmul; fewer, bigger chunks gain nothing.
+        return CPU_CHUNK_BYTES if device.type == "cpu" else 2 * CPU_CHUNK_BYTES
+
+    def __init__(self, hidden, weight, bias, dtype, need_h, need_w, need_b):
+        self.h, self.dtype = hidden, dtype
+        self.w = weight.detach().to(dtype)
+        self.b = None if bias is None else bias.detach().to(dtype)
+        self.device, self.vocab = hidden.device, weight.shape[0]
+        self.need_h, self.need_w, self.need_b = need_h, need_w, need_b
+        self.need_grad = need_h or need_w or need_b
+        self.acc_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        self.grad_h = self.grad_w = self.grad_b = None
+        self._chunk = None
+
+    def start(self):
+        if self.need_h:
+            self.grad_h = torch.zeros_like(self.h)  # uncounted positions: exactly zero
+        if self.need_w:
+            self.grad_w = torch.zeros(self.w.shape, dtype=self.acc_dtype, device=self.device)
+        if self.need_b:
+            self.grad_b = torch.zeros(self.vocab, dtype=self.acc_dtype, device=self.device)
+
+    def load(self, dst, pieces):
+        c = dst.shape[0]
+        h = torch.empty(c, self.h.shape[1], dtype=self.dtype, device=self.device)
+        _gather_rows(h, self.h, pieces)
+        self._chunk = h
+        if self.dtype == torch.float32:  # straight into the work buffer
+            if self.b is None:
+                torch.mm(h, self.w.t(), out=dst)
+            else:
+                torch.addmm(self.b, h, self.w.t(), out=dst)
+        else:  # the lm_head's own dtype, then the engine's single upcast
+            z = h @ self.w.t()
+            if self.b is not None:
+                z += self.b
+            dst.copy_(z)
+            del z
+        return dst
+
+    def store(self, x, pieces, scale):
+        if not (isinstance(scale, float) and scale == 1.0):
+            x.mul_(scale)  # x is now d total / d logits of the chunk, fp32
+        h, self._chunk = self._chunk, None
+        if self.need_h:
+            g = x if self.dtype == torch.float32 else x.to(self.dtype)
+            gh = g @ self.w
+            del g
+            for a, b, at in pieces:
+                self.grad_h[a:b].copy_(gh[at : at + b - a])
+        if self.need_w:
+            self.grad_w.addmm_(_as(x, self.acc_dtype).t(), _as(h, self.acc_dtype))
+        if self.need_b:
+            self.grad_b += x.sum(0, dtype=self.acc_dtype)
+
+
+def _as(t, dtype):
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 # --------------------------------------------------------------------------- teachers

@@ -2,8 +2,11 @@
 
 Glue only; the math lives in ``moedistill.losses``. What it overrides, and why:
 
-- ``compute_loss``: the blended loss. Offline mode reads the teacher's sparse targets
-  from the batch (``target_ids`` / ``target_logprobs`` [/ ``target_counts``] of an
+- ``compute_loss``: the blended loss. With ``loss.fused_linear`` the student runs with its
+  lm_head replaced by the identity for the call (so the model's own forward, wrappers and
+  router aux loss are unchanged), and ``fused_linear_teacher_loss`` applies the lm_head's
+  weight chunk by chunk inside the loss: the [B, T, V] logits never exist. Offline mode
+  reads the teacher's sparse targets from the batch (``target_ids`` / ``target_logprobs`` [/ ``target_counts``] of an
   ``open_cache`` dataset) and calls ``distillation_loss``; online mode runs a teacher
   model beside the student under ``no_grad`` and calls ``dense_distillation_loss`` on
   its full logits. The student never gets ``labels=`` (HF models would shift them a
@@ -39,6 +42,7 @@ import logging
 import math
 import os
 import time
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +54,7 @@ from moedistill import integrity
 from moedistill.config import LossConfig, ParamGroupsConfig
 from moedistill.errors import UserError
 from moedistill.files import atomic_write_json, disk_full_as_error, model_bytes
-from moedistill.losses import IGNORE_INDEX, teacher_loss
+from moedistill.losses import IGNORE_INDEX, fused_linear_teacher_loss, teacher_loss
 from moedistill.param_groups import assign, format_table, freeze, optimizer_groups
 from moedistill.targets import KL_NAMES, PAD_VALUES, DenseTargets, SampledTargets, from_batch
 
@@ -100,6 +104,57 @@ class _EvalShard(torch.utils.data.Dataset):
         item = dict(self.dataset[0])
         item["labels"] = torch.full_like(torch.as_tensor(item["labels"]), IGNORE_INDEX)
         return item
+
+
+def check_fused_engine(engine: str | None) -> None:
+    """``loss.fused_linear`` under ``engine`` ("FSDP" / "DeepSpeed" when one shards the model,
+    else None): refused under those until the weight is gathered the way the engine expects."""
+    if engine:
+        raise UserError(
+            f"loss.fused_linear=true is not supported under {engine} yet (the lm_head weight is sharded "
+            f"across processes and gathered only inside the lm_head's own forward); set loss.fused_linear=false"
+        )
+
+
+def fused_linear_head(model):
+    """The student's output layer for ``loss.fused_linear``, or a UserError saying why not."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear):
+        raise UserError(
+            f"loss.fused_linear=true needs a student whose output layer is an nn.Linear, got "
+            f"{type(head).__name__}; set loss.fused_linear=false"
+        )
+    config = getattr(model, "config", None)
+    for key in ("final_logit_softcapping", "logit_scale"):
+        if getattr(config, key, None) not in (None, 1.0):
+            raise UserError(
+                f"loss.fused_linear=true would skip the student's {key}={getattr(config, key)} applied after "
+                f"the lm_head; set loss.fused_linear=false"
+            )
+    return head
+
+
+@contextmanager
+def _identity_forward(module):
+    """``module`` passes its input through for the block (None: nothing changes). An instance
+    ``forward`` already there (accelerate's device hooks) is put back afterwards."""
+    if module is None:
+        yield
+        return
+    had = "forward" in module.__dict__
+    old = module.__dict__.get("forward")
+    module.forward = _identity
+    try:
+        yield
+    finally:
+        if had:
+            module.forward = old
+        else:
+            del module.forward
+
+
+def _identity(x):
+    return x
 
 
 def collate(features: list[dict]) -> dict[str, torch.Tensor]:
@@ -186,6 +241,7 @@ class DistillationTrainer(Trainer):
             where = f"stage {stage_name!r}" if stage_name else "the run"
             raise UserError(f"{param_groups_key} freezes every parameter in {where}; give some rule lr_multiplier > 0")
         super().__init__(model=model, args=args, **kwargs)
+        self._lm_head = self._fused_head(model) if self.loss_config.fused_linear else None
         if teacher is not None:
             teacher.eval().requires_grad_(False)
             if getattr(teacher, "hf_device_map", None) is None:
@@ -203,8 +259,15 @@ class DistillationTrainer(Trainer):
 
     # ------------------------------------------------------------------ loss
 
+    def _fused_head(self, model):
+        check_fused_engine("FSDP" if self.is_fsdp_enabled else ("DeepSpeed" if self.is_deepspeed_enabled else None))
+        return fused_linear_head(model)
+
     def _forward(self, model, inputs):
         """Student (and, online, teacher) forward -> (student logits, router aux loss or None, targets).
+
+        With ``loss.fused_linear`` the first is the student's final hidden states instead:
+        its lm_head is the identity during the call (see ``_distill``).
 
         The targets are the online teacher's logits (``DenseTargets``), else the batch's
         cached targets (``TopKTargets`` / ``SampledTargets``)."""
@@ -226,15 +289,21 @@ class DistillationTrainer(Trainer):
                     "the batch has no teacher targets (target_ids); train on a cache from "
                     "moedistill.cache.open_cache or pass teacher= for online distillation"
                 )
-        outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        with _identity_forward(self._lm_head):
+            outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return outputs.logits, getattr(outputs, "aux_loss", None), targets
 
     def _distill(self, logits, inputs, targets, *, alpha, temperature, tail, num_items_in_batch):
-        """The blended loss of one micro-batch -> (total, ce, kl) from ``moedistill.losses``."""
-        return teacher_loss(
-            logits, inputs["labels"], targets, alpha=alpha, temperature=temperature, tail=tail,
-            num_items_in_batch=num_items_in_batch, chunk_size=self.loss_config.chunk_size,
-        )
+        """The blended loss of one micro-batch -> (total, ce, kl) from ``moedistill.losses``;
+        with ``loss.fused_linear``, ``logits`` are the final hidden states and the lm_head's
+        weight (and bias) go into the loss."""
+        kw = dict(alpha=alpha, temperature=temperature, tail=tail, num_items_in_batch=num_items_in_batch,
+                  chunk_size=self.loss_config.chunk_size)
+        if self._lm_head is not None:
+            head = self._lm_head
+            return fused_linear_teacher_loss(logits, head.weight, inputs["labels"], targets, lm_head_bias=head.bias,
+                                             **kw)
+        return teacher_loss(logits, inputs["labels"], targets, **kw)
 
     def _where(self, inputs) -> str:
         """``step N (stage 'x', its step n), batch of training sequences [i, j, ...]`` for error messages."""
@@ -286,7 +355,9 @@ class DistillationTrainer(Trainer):
         if self.args.average_tokens_across_devices and self.args.world_size > 1 and num_items_in_batch is not None:
             # num_items_in_batch counts every process's targets; DDP averages gradients over processes
             loss = loss * self.accelerator.num_processes
-        return (loss, {"logits": logits}) if return_outputs else loss
+        if return_outputs:
+            return loss, ({"last_hidden_state": logits} if self._lm_head is not None else {"logits": logits})
+        return loss
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batches = []

@@ -49,6 +49,7 @@ from moedistill.stages import (
     run_stages,
 )
 from moedistill.targets import eval_kl_key
+from moedistill.trainer import check_fused_engine, fused_linear_head
 
 logger = logging.getLogger(__name__)
 
@@ -89,13 +90,27 @@ def _load_student(cfg: Config, student):
 def _check_student(cfg: Config, model, student_name: str, args, loss_overrides) -> None:
     """Before any cache is generated or run directory touched: data.seq_len within the
     student's context, every id of the teacher's vocabulary a student logit, every
-    parameter-group rule of every stage matching some parameter."""
+    parameter-group rule of every stage matching some parameter, and ``loss.fused_linear``
+    possible with this student and engine."""
     check_context(model.config, cfg.data.seq_len, f"student {student_name}")
     teacher_config = config_or_none(cfg.teacher.name, cfg.teacher.trust_remote_code)
     if teacher_config is not None:  # an unloadable teacher is reported by the cache step
         check_vocab(output_vocab(model), config_vocab(teacher_config), student=f"student {student_name}",
                     teacher=f"teacher {cfg.teacher.name}")
     check_stages(model, plan_stages(cfg, args, 1, loss_overrides))  # lengths do not matter here
+    if cfg.loss.fused_linear:
+        fused_linear_head(model)
+
+
+def sharding_engine(args) -> str | None:
+    """"FSDP" or "DeepSpeed" when the launch (accelerate's environment) or the training
+    settings ask for one, else None: known before the Trainer exists."""
+    env = lambda key: os.environ.get(key, "").lower() in ("1", "true")  # noqa: E731
+    if args.fsdp or env("ACCELERATE_USE_FSDP"):
+        return "FSDP"
+    if args.deepspeed or env("ACCELERATE_USE_DEEPSPEED"):
+        return "DeepSpeed"
+    return None
 
 
 def training_arguments(cfg: Config, run_dir: Path):
@@ -160,6 +175,8 @@ def _train(cfg: Config, resume, args, run_dir: Path, *, student, cache_dir, loss
         locate_checkpoint(run_dir, resume)
     else:
         check_may_start(run_dir, cfg.overwrite)
+    if cfg.loss.fused_linear:
+        check_fused_engine(sharding_engine(args))
     model, student_name = _load_student(cfg, student)
     tokenizer = common.teacher_tokenizer(cfg)
     _check_student(cfg, model, student_name, args, loss_overrides)
