@@ -7,9 +7,12 @@ intermediate 768, top-8):
 
   indexed   the factors indexed per expert (``A[e]``): each slice's backward writes a zero
             gradient the size of the whole [E, ...] stack, so the backward grows with E^2
-  unbound   ``CompressedExperts`` as shipped: the factors unbound once per forward
+  unbound   the same loop with the factors unbound once per forward (the previous forward):
+            still a one-hot mask, a ``torch.where``, a gather and two scatter-adds per expert
+  grouped   ``CompressedExperts`` as shipped: routed pairs sorted by expert once, one gather,
+            one scatter-add, two small matmuls per non-empty expert and projection
 
-Prints seconds (best of ``--repeat``) and the ratio; checks that both give the same output
+Prints seconds (best of ``--repeat``) and the ratios; checks that all give the same output
 and gradients. CPU only; the 2 cores are shared, so read the ratio, not the seconds.
 """
 
@@ -48,6 +51,31 @@ def indexed_forward(m: CompressedExperts, hidden, top_k_index, top_k_weights):
     return out + F.linear(mixed, m.shared_core_down)
 
 
+def unbound_forward(m: CompressedExperts, hidden, top_k_index, top_k_weights):
+    """The per-expert loop with the factors unbound once (the forward before the grouped one)."""
+    I = m.intermediate_dim
+    core_gate_up = F.linear(hidden, torch.cat([m.shared_core_gate, m.shared_core_up]))
+    mixed = hidden.new_zeros(hidden.shape[0], I)
+    out = torch.zeros_like(hidden)
+    mask = F.one_hot(top_k_index, num_classes=m.num_experts + 1).permute(2, 1, 0)
+    factors = {p: [t.unbind(0) for t in m.wrapper(p)] for p in ("gate", "up", "down")}
+
+    def lr(v, proj, e):
+        B, A = factors[proj]
+        return F.linear(F.linear(v, A[e]), B[e])
+
+    for e in torch.greater(mask.sum(dim=(-1, -2)), 0).nonzero()[:, 0].tolist():
+        if e == m.num_experts:
+            continue
+        pos, tok = torch.where(mask[e])
+        x = hidden[tok]
+        h = m.act_fn(core_gate_up[tok, :I] + lr(x, "gate", e)) * (core_gate_up[tok, I:] + lr(x, "up", e))
+        h = h * top_k_weights[tok, pos, None]
+        mixed.index_add_(0, tok, h)
+        out.index_add_(0, tok, lr(h, "down", e))
+    return out + F.linear(mixed, m.shared_core_down)
+
+
 def run(fn, m, args, repeat: int):
     best, result = float("inf"), None
     for _ in range(repeat):
@@ -66,6 +94,7 @@ def main():
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--experts", type=int, default=128)
     p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--skip-indexed", action="store_true", help="leave out the E^2 variant (slow at many tokens)")
     a = p.parse_args()
     torch.manual_seed(0)
     H, I, k = 2048, 768, 8
@@ -78,15 +107,22 @@ def main():
     logits = torch.randn(a.tokens, a.experts)
     w, idx = torch.softmax(logits, -1).topk(k, -1)
     args = (hidden, idx, w / w.sum(-1, keepdim=True))
-    t_old, (y_old, g_old) = run(lambda *x: indexed_forward(m, *x), m, args, a.repeat)
-    t_new, (y_new, g_new) = run(m, m, args, a.repeat)
-    torch.testing.assert_close(y_new, y_old, rtol=1e-5, atol=1e-6)
-    for n in g_old:
-        torch.testing.assert_close(g_new[n], g_old[n], rtol=1e-4, atol=1e-7)
-    print(f"{a.tokens} tokens, {a.experts} experts, top-{k}, hidden {H}, intermediate {I}, rank {a.rank}; fwd+bwd")
+    variants = {"indexed": lambda *x: indexed_forward(m, *x), "unbound": lambda *x: unbound_forward(m, *x),
+                "grouped": m}
+    if a.skip_indexed:
+        del variants["indexed"]
+    results = {name: run(fn, m, args, a.repeat) for name, fn in variants.items()}
+    first, (_, (y_ref, g_ref)) = next(iter(results)), next(iter(results.values()))
+    for name, (_, (y, g)) in results.items():
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6, msg=f"{name} vs {first}")
+        for n in g_ref:
+            torch.testing.assert_close(g[n], g_ref[n], rtol=1e-4, atol=1e-7, msg=f"{name} vs {first}: {n}")
+    print(f"{a.tokens} tokens, {a.experts} experts, top-{k}, hidden {H}, intermediate {I}, rank {a.rank}; fwd+bwd, "
+          f"best of {a.repeat}; {torch.get_num_threads()} threads")
     print(f"{'variant':<10} {'seconds':>8} {'ratio':>6}")
-    print(f"{'indexed':<10} {t_old:8.2f} {1.0:6.2f}")
-    print(f"{'unbound':<10} {t_new:8.2f} {t_new / t_old:6.2f}")
+    t_first = results[first][0]
+    for name, (t, _) in results.items():
+        print(f"{name:<10} {t:8.2f} {t / t_first:6.2f}")
 
 
 if __name__ == "__main__":

@@ -231,7 +231,7 @@ def fused_linear_distillation_loss(
     [N, H] buffer) and d loss / d W (``g.T @ h``, added into one fp32 [V, H] buffer), and the
     chunk is dropped. Fwd+bwd then holds the weight's gradient (which any path must produce),
     a [N, H] gradient (H / V of the logits: 1.3% at H = 2,048) and the chunk-sized
-    temporaries: 2-4 buffers of 128 MiB of fp32 each on CPU, 256 MiB on GPU (220 and 441 positions at
+    temporaries: 2-4 buffers of 96 MiB of fp32 each on CPU, 256 MiB on GPU (165 and 441 positions at
     V = 151,936). The three
     matmuls are those of the lm_head's forward and backward, so the time is about the
     same; nothing is recomputed. Like ``distillation_loss`` the backward runs once.
@@ -680,11 +680,12 @@ class _LinearSource:
 
     @staticmethod
     def chunk_bytes(device):
-        # Here the chunk buffers are most of the loss's memory, so they are capped on GPUs
-        # too (256 MiB: 441 positions at V = 151,936, still a full-speed matmul). Every chunk
-        # adds into the whole [V, H] weight gradient, but on CPU that addmm ran at the same
-        # 115 GFLOP/s with 220 positions as the forward matmul; fewer, bigger chunks gain nothing.
-        return CPU_CHUNK_BYTES if device.type == "cpu" else 2 * CPU_CHUNK_BYTES
+        # Here the chunk buffers are most of the loss's memory beside the weight's gradient, so
+        # they are smaller than _LogitsSource's on CPU and capped on GPUs too (256 MiB: 441
+        # positions at V = 151,936, still a full-speed matmul). On CPU (2 cores, V = 151,936,
+        # H = 2,048) the three matmuls of a chunk cost 70 ms per position at 220 positions
+        # (128 MiB) and 84 ms at 110 (64 MiB): 96 MiB (165 positions) is the compromise.
+        return 3 * CPU_CHUNK_BYTES // 4 if device.type == "cpu" else 2 * CPU_CHUNK_BYTES
 
     def __init__(self, hidden, weight, bias, dtype, need_h, need_w, need_b):
         self.h, self.dtype = hidden, dtype

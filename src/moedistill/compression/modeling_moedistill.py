@@ -112,43 +112,55 @@ class CompressedExperts(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        I = self.intermediate_dim
+        """Routed pairs (token, expert) sorted by expert once; each expert's wrappers are two
+        matmuls on its contiguous segment, the cores one matmul over all tokens.
+
+        Cost: linear in the routed pairs (one gather of their inputs, one scatter-add of
+        their outputs), plus two small matmuls per non-empty expert and projection; no
+        [E, ...]-sized gradient per expert (the factors are unbound once, and unbind's
+        backward stacks the E gradients once)."""
+        I, E = self.intermediate_dim, self.num_experts
+        n_tokens, k = top_k_index.shape
         # The core's share of gate and up, once per token for all experts.
         core_gate_up = F.linear(hidden_states, torch.cat([self.shared_core_gate, self.shared_core_up]))
-        # Routing-weighted sum over a token's experts of act(gate) * up; C_down is applied to it once.
+        with torch.no_grad():
+            flat = top_k_index.reshape(-1)
+            # stable: within an expert, pairs stay in token order; index E (padding) sorts last
+            order = torch.sort(flat, stable=True).indices
+            counts = torch.bincount(flat, minlength=E + 1)[:E].tolist()
+            order = order[: sum(counts)]
+            token = order // k
+        weight = top_k_weights.reshape(-1)[order]
+        gate_up = core_gate_up[token]  # [S, 2I]
+        if self.rank > 0:
+            x = hidden_states[token]  # [S, H]: every routed pair's input, grouped by expert
+            gate_up = gate_up + self._grouped_low_rank(x, counts, ("gate", "up"))
+        h = self.act_fn(gate_up[:, :I]) * gate_up[:, I:]
+        h = h * weight[:, None].to(h.dtype)
         # Sums are kept in the dtype of hidden_states (fp32 under autocast, like the originals'
         # output); under autocast the matmuls return bf16/fp16, cast on the way in.
-        mixed = hidden_states.new_zeros(hidden_states.shape[0], I)
-        out = torch.zeros_like(hidden_states)
-        with torch.no_grad():
-            expert_mask = F.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
-            expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
-        # One view per expert, made once: indexing the stacked [E, ...] factor per expert would
-        # give every slice's backward a zero gradient the size of the whole stack (cost ~E^2);
-        # unbind's backward stacks the E gradients once.
-        factors = {p: [t.unbind(0) for t in self.wrapper(p)] for p in PROJECTIONS} if self.rank > 0 else None
+        mixed = hidden_states.new_zeros(n_tokens, I).index_add_(0, token, h.to(hidden_states.dtype))
+        out = F.linear(mixed, self.shared_core_down).to(hidden_states.dtype)  # C_down once, on the mixture
+        if self.rank > 0:
+            out = out.index_add(0, token, self._grouped_low_rank(h, counts, ("down",)).to(out.dtype))
+        return out
 
-        def low_rank(x, proj, e):
-            B, A = factors[proj]
-            return F.linear(F.linear(x, A[e]), B[e])
-
-        for expert_idx in expert_hit:
-            e = int(expert_idx[0])
-            if e == self.num_experts:
+    def _grouped_low_rank(self, x: torch.Tensor, counts: list[int], projections: tuple[str, ...]) -> torch.Tensor:
+        """``B_e A_e x`` for each row of ``x`` (grouped by expert, ``counts[e]`` rows each),
+        for every projection in ``projections``, concatenated along the last dimension."""
+        factors = [[t.unbind(0) for t in self.wrapper(p)] for p in projections]
+        parts, start = [], 0
+        for e, n in enumerate(counts):
+            if n == 0:
                 continue
-            top_k_pos, token_idx = torch.where(expert_mask[e])
-            x = hidden_states[token_idx]
-            gate = core_gate_up[token_idx, :I]
-            up = core_gate_up[token_idx, I:]
-            if self.rank > 0:
-                gate = gate + low_rank(x, "gate", e)
-                up = up + low_rank(x, "up", e)
-            h = self.act_fn(gate) * up
-            h = h * top_k_weights[token_idx, top_k_pos, None].to(h.dtype)
-            mixed.index_add_(0, token_idx, h.to(mixed.dtype))
-            if self.rank > 0:
-                out.index_add_(0, token_idx, low_rank(h, "down", e).to(out.dtype))
-        return out + F.linear(mixed, self.shared_core_down).to(out.dtype)
+            seg = x[start : start + n]
+            start += n
+            outs = [F.linear(F.linear(seg, A[e]), B[e]) for B, A in factors]
+            parts.append(outs[0] if len(outs) == 1 else torch.cat(outs, dim=1))
+        if not parts:
+            width = sum(self.core(p).shape[0] for p in projections)
+            return x.new_zeros(0, width)
+        return torch.cat(parts)
 
 
 def find_moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
