@@ -257,5 +257,7 @@ def test_user_errors():
         fused_linear_distillation_loss(hidden, weight, labels, ids, lps, lm_head_bias=b[:-1], **kw)
     with pytest.raises(UserError, match="outside the student's vocabulary"):
         fused_linear_distillation_loss(hidden, weight[:10], labels.clamp(max=9), ids, lps, **kw)
+    with pytest.raises(UserError, match="lm_head weight is on meta"):
+        fused_linear_distillation_loss(hidden, weight.detach().to("meta"), labels, ids, lps, **kw)
     with pytest.raises(UserError, match="tail="):
         fused_linear_distillation_loss(hidden, weight, labels, ids, lps, tail="nope", **kw)

@@ -467,8 +467,8 @@ def _fused_pair(tmp_path, data, *, student_kw=None, rules=None, teacher=None, **
     for fused in (False, True):
         tap = GradTap()
         student = tiny_moe(1, **(student_kw or {}))
-        widths = set()  # the last dimension of everything the lm_head returns
-        student.lm_head.register_forward_hook(lambda m, i, o: widths.add(o.shape[-1]))
+        shapes = set()  # the shapes of what the lm_head returns
+        student.lm_head.register_forward_hook(lambda m, i, o: shapes.add(tuple(o.shape[2:])))
         trainer = DistillationTrainer(
             student, targs(tmp_path, max_steps=2, **args_kw), train_dataset=data,
             eval_dataset=data, callbacks=[tap], teacher=teacher,
@@ -476,7 +476,7 @@ def _fused_pair(tmp_path, data, *, student_kw=None, rules=None, teacher=None, **
             param_groups=rules,
         )
         trainer.train()
-        assert widths == ({32} if fused else {VOCAB})  # fused: the head passes the hidden states through
+        assert shapes == ({()} if fused else {(VOCAB,)})  # fused: the lm_head's call returns the loss
         logs = [e[k] for e in trainer.state.log_history if "loss" in e for k in ("loss", "ce_loss", "kl_loss")]
         out.append((logs, tap.grads[0], trainer.evaluate(), trainer))
     return out
@@ -501,8 +501,9 @@ def test_fused_linear_trains_like_the_unfused_loss_with_tied_embeddings(tmp_path
     assert trainer._lm_head is trainer.model.lm_head and trainer.model.lm_head.weight is \
         trainer.model.model.embed_tokens.weight
     batch = collate([data[i] for i in range(2)])
-    _, outputs = trainer.compute_loss(trainer.model, batch, return_outputs=True)
-    assert outputs["last_hidden_state"].shape[-1] == 32  # hidden states, not [.., V] logits
+    _, outputs = trainer.compute_loss(trainer.model, batch, return_outputs=True)  # what predict() uses
+    with torch.no_grad():
+        torch.testing.assert_close(outputs["logits"], trainer.model(input_ids=batch["input_ids"]).logits)
     assert "forward" not in trainer.model.lm_head.__dict__  # the lm_head is itself again
 
 
@@ -535,7 +536,68 @@ def test_fused_linear_refuses_what_it_cannot_do(tmp_path, data):
     student.config.final_logit_softcapping = 30.0
     with pytest.raises(UserError, match="final_logit_softcapping"):
         DistillationTrainer(student, targs(tmp_path), train_dataset=data, loss=fused)
+    # an lm_head offloaded by accelerate (its weight lives on "meta" between calls): its hook
+    # still brings the weight in before the fused loss runs, so the loss is the unfused one
+    from accelerate import cpu_offload
+
+    batch = collate([data[i] for i in range(4)])
+    losses = []
+    for fused in (False, True):
+        student = tiny_moe(1, tie_word_embeddings=False)
+        trainer = DistillationTrainer(student, targs(tmp_path), train_dataset=data,
+                                      loss=LossConfig(alpha=0.6, temperature=2.0, fused_linear=fused))
+        cpu_offload(student.lm_head, execution_device=torch.device("cpu"))
+        assert student.lm_head.weight.device.type == "meta"
+        with torch.no_grad():
+            losses.append(float(trainer.compute_loss(trainer.model, batch)))
+        assert "_old_forward" in student.lm_head.__dict__  # the hook is intact afterwards
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
     trainer = DistillationTrainer(tiny_moe(1), targs(tmp_path), train_dataset=data)
     trainer.is_fsdp_enabled = True  # what accelerate's FSDP plugin sets; the engine itself needs GPUs here
     with pytest.raises(UserError, match="not supported under FSDP yet.*loss.fused_linear=false"):
         trainer._fused_head(trainer.model)
+
+
+_DDP_SCRIPT = """
+import json, os, sys
+sys.path.insert(0, {tests!r})
+from test_trainer import make_items, targs, tiny_moe
+from pathlib import Path
+from moedistill.config import LossConfig
+from moedistill.trainer import DistillationTrainer
+
+fused = sys.argv[1] == "1"
+data = make_items(tiny_moe(0))
+args = targs(Path(sys.argv[2]), per_device_train_batch_size=2, max_steps=3)  # no gradient checkpointing:
+trainer = DistillationTrainer(tiny_moe(1, tie_word_embeddings=False), args, train_dataset=data,  # DDP looks for
+                              loss=LossConfig(alpha=0.6, temperature=2.0, fused_linear=fused))  # unused parameters
+trainer.train()
+if int(os.environ["RANK"]) == 0:
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    Path(sys.argv[2], "log.json").write_text(json.dumps(logs))
+"""
+
+
+def test_fused_linear_under_ddp_with_an_untied_head(tmp_path):
+    """2 processes (gloo), an untied lm_head and no gradient checkpointing, so transformers
+    sets DDP's find_unused_parameters: the lm_head's weight must be seen as used by the
+    forward (the fused loss runs inside its call) and the run equals the unfused one."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "ddp.py"
+    script.write_text(_DDP_SCRIPT.format(tests=str(Path(__file__).parent)))
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    env = dict(__import__("os").environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    logs = []
+    for fused in ("0", "1"):
+        out = tmp_path / f"fused{fused}"
+        r = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", str(script), fused, str(out)],
+                           capture_output=True, text=True, timeout=300, env=env)
+        assert r.returncode == 0, r.stderr[-6000:]
+        logs.append(json.loads((out / "log.json").read_text()))
+    assert len(logs[1]) == len(logs[0]) == 3
+    for a, b in zip(logs[1], logs[0]):
+        for k in ("loss", "ce_loss", "kl_loss", "grad_norm"):
+            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k

@@ -396,6 +396,13 @@ def _flatten_hidden(hidden, weight, bias, labels):
             f"hidden states {tuple(hidden.shape)} do not match labels {tuple(labels.shape)} + [H]; "
             f"labels must be the shifted next-token ids for the same positions"
         )
+    for name, t in (("lm_head weight", weight), ("lm_head bias", bias)):
+        if t is not None and t.device != hidden.device:
+            raise UserError(
+                f"the {name} is on {t.device} but the hidden states on {hidden.device}; the fused loss needs "
+                f"the lm_head where the last layer runs (a device_map split or offload puts it elsewhere): "
+                f"set loss.fused_linear=false"
+            )
     vocab = weight.shape[0]
     if bias is not None and tuple(bias.shape) != (vocab,):
         raise UserError(f"lm_head bias {tuple(bias.shape)} does not match the weight's vocabulary ({vocab},)")
@@ -449,13 +456,13 @@ class _FusedLinearLoss(torch.autograd.Function):
             raise RuntimeError("distillation loss: backward can run only once (its gradient buffers are consumed)")
         grads, ctx.grads = ctx.grads, False
         out = []
-        scale = None if bool(g_total == 1) else g_total
+        scale = float(g_total)
         for g, meta in zip(grads, ctx.meta):
             if g is None:
                 out.append(None)
                 continue
-            if scale is not None:
-                g.mul_(scale.to(g.dtype))
+            if scale != 1.0:
+                g.mul_(scale)  # a Python float: GradScaler's 65536 is inf in fp16
             out.append(g.view(meta[0]) if g.dtype == meta[1] else g.to(meta[1]).view(meta[0]))
         return (*out, None)
 
@@ -510,8 +517,9 @@ class _PrecomputedGradLoss(torch.autograd.Function):
         grad, ctx.grad = ctx.grad, False
         if grad is None:  # nothing counted
             return torch.zeros(ctx.shape, dtype=ctx.dtype, device=ctx.device), None
-        if bool(g_total != 1):
-            grad.mul_(g_total.to(grad.dtype))
+        scale = float(g_total)
+        if scale != 1.0:
+            grad.mul_(scale)  # a Python float: GradScaler's 65536 is inf in fp16
         return grad.view(ctx.shape), None
 
 

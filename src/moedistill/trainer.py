@@ -2,10 +2,11 @@
 
 Glue only; the math lives in ``moedistill.losses``. What it overrides, and why:
 
-- ``compute_loss``: the blended loss. With ``loss.fused_linear`` the student runs with its
-  lm_head replaced by the identity for the call (so the model's own forward, wrappers and
-  router aux loss are unchanged), and ``fused_linear_teacher_loss`` applies the lm_head's
-  weight chunk by chunk inside the loss: the [B, T, V] logits never exist. Offline mode
+- ``compute_loss``: the blended loss. With ``loss.fused_linear`` the student's lm_head call
+  is replaced, for the forward, by ``fused_linear_teacher_loss`` on the hidden states it
+  receives (so the model's own forward, wrappers, DDP and the router aux loss are
+  unchanged): the lm_head's weight is applied chunk by chunk inside the loss and the
+  [B, T, V] logits never exist. Offline mode
   reads the teacher's sparse targets from the batch (``target_ids`` / ``target_logprobs`` [/ ``target_counts``] of an
   ``open_cache`` dataset) and calls ``distillation_loss``; online mode runs a teacher
   model beside the student under ``no_grad`` and calls ``dense_distillation_loss`` on
@@ -135,26 +136,22 @@ def fused_linear_head(model):
 
 
 @contextmanager
-def _identity_forward(module):
-    """``module`` passes its input through for the block (None: nothing changes). An instance
-    ``forward`` already there (accelerate's device hooks) is put back afterwards."""
-    if module is None:
-        yield
-        return
-    had = "forward" in module.__dict__
-    old = module.__dict__.get("forward")
-    module.forward = _identity
+def _forward_replaced(module, fn):
+    """``module(x)`` calls ``fn(x)`` for the block. Where accelerate has hooked the module
+    (``_old_forward``: a device map or offload), ``fn`` replaces the hooked function, so the
+    hook still moves the weights and inputs first; otherwise the instance's ``forward``.
+    Either is put back afterwards, also after an exception."""
+    name = "_old_forward" if hasattr(module, "_hf_hook") and "_old_forward" in module.__dict__ else "forward"
+    had = name in module.__dict__
+    old = module.__dict__.get(name)
+    setattr(module, name, fn)
     try:
         yield
     finally:
         if had:
-            module.forward = old
+            setattr(module, name, old)
         else:
-            del module.forward
-
-
-def _identity(x):
-    return x
+            delattr(module, name)
 
 
 def collate(features: list[dict]) -> dict[str, torch.Tensor]:
@@ -263,17 +260,11 @@ class DistillationTrainer(Trainer):
         check_fused_engine("FSDP" if self.is_fsdp_enabled else ("DeepSpeed" if self.is_deepspeed_enabled else None))
         return fused_linear_head(model)
 
-    def _forward(self, model, inputs):
-        """Student (and, online, teacher) forward -> (student logits, router aux loss or None, targets).
-
-        With ``loss.fused_linear`` the first is the student's final hidden states instead:
-        its lm_head is the identity during the call (see ``_distill``).
-
-        The targets are the online teacher's logits (``DenseTargets``), else the batch's
-        cached targets (``TopKTargets`` / ``SampledTargets``)."""
-        input_ids = inputs["input_ids"]
-        attention_mask = inputs.get("attention_mask")
-        if self.teacher is not None:  # first: its activations are gone before the student's are kept
+    def _targets(self, inputs):
+        """The teacher's targets of a batch: the online teacher's logits (``DenseTargets``),
+        else the batch's cached targets (``TopKTargets`` / ``SampledTargets``)."""
+        if self.teacher is not None:
+            input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
             dev = self.teacher.device
             with torch.no_grad():
                 teacher_logits = self.teacher(
@@ -281,22 +272,45 @@ class DistillationTrainer(Trainer):
                     attention_mask=None if attention_mask is None else attention_mask.to(dev),
                     use_cache=False,
                 ).logits.to(input_ids.device)
-            targets = DenseTargets(teacher_logits)
-        else:
-            targets = from_batch(inputs)
-            if targets is None:
-                raise UserError(
-                    "the batch has no teacher targets (target_ids); train on a cache from "
-                    "moedistill.cache.open_cache or pass teacher= for online distillation"
-                )
-        with _identity_forward(self._lm_head):
+            return DenseTargets(teacher_logits)
+        targets = from_batch(inputs)
+        if targets is None:
+            raise UserError(
+                "the batch has no teacher targets (target_ids); train on a cache from "
+                "moedistill.cache.open_cache or pass teacher= for online distillation"
+            )
+        return targets
+
+    def _student_loss(self, model, inputs, targets, **loss_kw):
+        """Student forward and the blended loss -> (logits, router aux loss or None, loss parts).
+
+        With ``loss.fused_linear`` the loss is computed inside the lm_head's call (its forward
+        is swapped for the fused loss during the student's forward, inside any wrapper: DDP
+        then sees the lm_head's weight used by the forward's output, and accelerate's device
+        hooks still run), the model's ``logits`` are the loss, and the first value returned
+        is the final hidden states instead of the logits."""
+        input_ids, attention_mask = inputs["input_ids"], inputs.get("attention_mask")
+        if self._lm_head is None:
             outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return outputs.logits, getattr(outputs, "aux_loss", None), targets
+            parts = self._distill(outputs.logits, inputs, targets, **loss_kw)
+            return outputs.logits, getattr(outputs, "aux_loss", None), parts
+        box = {}
+
+        def fused_head(hidden):
+            box["hidden"] = hidden
+            box["parts"] = self._distill(hidden, inputs, targets, **loss_kw)
+            return box["parts"].total
+
+        with _forward_replaced(self._lm_head, fused_head):
+            outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        if "parts" not in box:
+            raise RuntimeError("loss.fused_linear: the student's forward never called its output layer")
+        return box["hidden"], getattr(outputs, "aux_loss", None), box["parts"]
 
     def _distill(self, logits, inputs, targets, *, alpha, temperature, tail, num_items_in_batch):
         """The blended loss of one micro-batch -> (total, ce, kl) from ``moedistill.losses``;
         with ``loss.fused_linear``, ``logits`` are the final hidden states and the lm_head's
-        weight (and bias) go into the loss."""
+        weight (and bias) go into the loss (see ``_student_loss``)."""
         kw = dict(alpha=alpha, temperature=temperature, tail=tail, num_items_in_batch=num_items_in_batch,
                   chunk_size=self.loss_config.chunk_size)
         if self._lm_head is not None:
@@ -323,16 +337,9 @@ class DistillationTrainer(Trainer):
                 f"the teacher targets hold NaN/+inf log-probabilities at {self._where(inputs)}; "
                 f"check the dataset (a moedistill cache: `moedistill inspect --verify`)"
             )
-        logits, aux, targets = self._forward(model, inputs)
-        parts = self._distill(
-            logits,
-            inputs,
-            targets,
-            alpha=cfg.alpha,
-            temperature=cfg.temperature,
-            tail=cfg.tail,
-            num_items_in_batch=num_items_in_batch,
-        )
+        targets = self._targets(inputs)  # first: the teacher's activations are gone before the student's are kept
+        logits, aux, parts = self._student_loss(model, inputs, targets, alpha=cfg.alpha, temperature=cfg.temperature,
+                                                tail=cfg.tail, num_items_in_batch=num_items_in_batch)
         loss = parts.total
         aux_term = None
         if aux is not None:
@@ -356,7 +363,10 @@ class DistillationTrainer(Trainer):
             # num_items_in_batch counts every process's targets; DDP averages gradients over processes
             loss = loss * self.accelerator.num_processes
         if return_outputs:
-            return loss, ({"last_hidden_state": logits} if self._lm_head is not None else {"logits": logits})
+            if self._lm_head is not None:  # predict(): the logits after all, made here without a graph
+                with torch.no_grad():
+                    logits = F.linear(logits, self._lm_head.weight, self._lm_head.bias)
+            return loss, {"logits": logits}
         return loss
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -572,14 +582,14 @@ class DistillationTrainer(Trainer):
             for inputs in loader:
                 inputs = self._prepare_inputs(inputs)
                 n = inputs["labels"].ne(-100).sum()
-                logits, _, targets = self._forward(model, inputs)
+                targets = self._targets(inputs)
                 kind = targets.kind
                 # the eval cache may be top-k while training used sampled targets: use what it holds
                 sampled = isinstance(targets, SampledTargets)
                 tail = cfg.tail if (cfg.tail == "sample") == sampled else ("sample" if sampled else "tail")
                 kl_tail = "sample" if sampled else "tail"
-                parts = self._distill(logits, inputs, targets, alpha=cfg.alpha, temperature=cfg.temperature,
-                                      tail=tail, num_items_in_batch=None)
+                logits, _, parts = self._student_loss(model, inputs, targets, alpha=cfg.alpha,
+                                                      temperature=cfg.temperature, tail=tail, num_items_in_batch=None)
                 kl1 = parts.kl
                 if cfg.temperature != 1.0 or tail != kl_tail:
                     kl1 = self._distill(logits, inputs, targets, alpha=1.0, temperature=1.0, tail=kl_tail,

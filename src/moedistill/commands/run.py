@@ -22,13 +22,14 @@ from moedistill.commands import common  # called qualified, so patching common.X
 from moedistill.commands.cache import generate_from_config
 from moedistill.commands.compress import compress_from_config
 from moedistill.commands.eval import eval_blocks
-from moedistill.commands.train import train_from_config, with_cache_mode
+from moedistill.commands.train import sharding_engine, train_from_config, with_cache_mode
 from moedistill.config import Config
 from moedistill.evaluate import count_parameters, evaluate_models
 from moedistill.files import atomic_write_json, atomic_write_text
 from moedistill.integrity import CHECKPOINT_MANIFEST
 from moedistill.report import write_report
 from moedistill.stages import check_may_start, list_checkpoints
+from moedistill.trainer import check_fused_engine
 
 # in output_dir, written as a fresh run starts: `run --resume` continues only the trainings it checkpointed
 RUN_FILE = "run.json"
@@ -49,6 +50,8 @@ def run(cfg: Config, resume: bool = False) -> Path:
     if not resume:  # before the teacher is compressed or cached: no training would refuse to start
         for name in names:
             check_may_start(out / "train" / name, cfg.overwrite)
+    if cfg.loss.fused_linear:
+        check_fused_engine(sharding_engine(cfg))
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
         atomic_write_json(out / RUN_FILE, {"started": time.time()})

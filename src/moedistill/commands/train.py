@@ -102,13 +102,13 @@ def _check_student(cfg: Config, model, student_name: str, args, loss_overrides) 
         fused_linear_head(model)
 
 
-def sharding_engine(args) -> str | None:
+def sharding_engine(cfg: Config) -> str | None:
     """"FSDP" or "DeepSpeed" when the launch (accelerate's environment) or the training
-    settings ask for one, else None: known before the Trainer exists."""
+    settings ask for one, else None: known before the Trainer (or anything else) exists."""
     env = lambda key: os.environ.get(key, "").lower() in ("1", "true")  # noqa: E731
-    if args.fsdp or env("ACCELERATE_USE_FSDP"):
+    if cfg.training.get("fsdp") or env("ACCELERATE_USE_FSDP"):
         return "FSDP"
-    if args.deepspeed or env("ACCELERATE_USE_DEEPSPEED"):
+    if cfg.training.get("deepspeed") or env("ACCELERATE_USE_DEEPSPEED"):
         return "DeepSpeed"
     return None
 
@@ -176,7 +176,7 @@ def _train(cfg: Config, resume, args, run_dir: Path, *, student, cache_dir, loss
     else:
         check_may_start(run_dir, cfg.overwrite)
     if cfg.loss.fused_linear:
-        check_fused_engine(sharding_engine(args))
+        check_fused_engine(sharding_engine(cfg))
     model, student_name = _load_student(cfg, student)
     tokenizer = common.teacher_tokenizer(cfg)
     _check_student(cfg, model, student_name, args, loss_overrides)
