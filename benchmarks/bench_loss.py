@@ -624,7 +624,7 @@ def _fused_worker(variant: str, cfg_dict: dict) -> dict:
 def fused_section(args):
     elem = {"float32": 4, "bfloat16": 2, "float16": 2}[args.dtype]
     all_results = {}
-    for frozen in (False, True):
+    for frozen in [h == "frozen" for h in args.fused_heads]:
         cfg = FusedBench(positions=args.positions, vocab=args.vocab, hidden=args.hidden, k=args.k, alpha=args.alpha,
                          temperature=args.temperature, tail=args.tail, chunk_size=args.chunk_size, dtype=args.dtype,
                          repeats=args.fused_repeats, device=args.device, frozen=frozen)
@@ -683,6 +683,8 @@ def _add_flags(p: argparse.ArgumentParser):
     g = p.add_argument_group("fused section (also uses --positions, --vocab, --k, --alpha, ...)")
     g.add_argument("--hidden", type=int, default=2048, help="hidden size H of the lm_head (Qwen3-30B-A3B: 2,048)")
     g.add_argument("--fused-repeats", type=int, default=2, help="timed rounds per variant (one is ~1 min on 2 cores)")
+    g.add_argument("--fused-heads", nargs="+", default=["trainable", "frozen"], choices=["trainable", "frozen"],
+                   help="which tables: a trainable lm_head, a frozen one")
     g = p.add_argument_group("step section")
     g.add_argument("--step-batch-size", type=int, default=16, help="the embedded default's batch")
     g.add_argument("--step-seq-len", type=int, default=128)

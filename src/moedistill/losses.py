@@ -232,7 +232,7 @@ def fused_linear_distillation_loss(
     chunk is dropped. Fwd+bwd then holds the weight's gradient (which any path must produce),
     a [N, H] gradient (H / V of the logits: 1.3% at H = 2,048) and the chunk-sized
     temporaries: 2-4 buffers of 96 MiB of fp32 each on CPU, 256 MiB on GPU (165 and 441 positions at
-    V = 151,936). The three
+    V = 151,936; 4x that with a frozen lm_head, which has no weight gradient to hold). The three
     matmuls are those of the lm_head's forward and backward, so the time is about the
     same; nothing is recomputed. Like ``distillation_loss`` the backward runs once.
 
@@ -686,14 +686,15 @@ class _LinearSource:
     run there); the weight is cast to it once. The weight's gradient is accumulated in fp32
     (float64 for float64 weights) in one [V, H] buffer, and only when it is wanted."""
 
-    @staticmethod
-    def chunk_bytes(device):
-        # Here the chunk buffers are most of the loss's memory beside the weight's gradient, so
-        # they are smaller than _LogitsSource's on CPU and capped on GPUs too (256 MiB: 441
-        # positions at V = 151,936, still a full-speed matmul). On CPU (2 cores, V = 151,936,
-        # H = 2,048) the three matmuls of a chunk cost 70 ms per position at 220 positions
-        # (128 MiB) and 84 ms at 110 (64 MiB): 96 MiB (165 positions) is the compromise.
-        return 3 * CPU_CHUNK_BYTES // 4 if device.type == "cpu" else 2 * CPU_CHUNK_BYTES
+    def chunk_bytes(self, device):
+        # With a weight gradient to make, the chunk buffers are most of the loss's memory beside
+        # it, so they are smaller than _LogitsSource's on CPU and capped on GPUs too (256 MiB:
+        # 441 positions at V = 151,936, still a full-speed matmul). On CPU (2 cores, V = 151,936,
+        # H = 2,048) a chunk's matmuls cost 16.5 ms per position and matmul at 165 positions (96
+        # MiB), 13 at 440 and 12 at 1,024: 96 MiB is the compromise with memory when the weight
+        # trains; a frozen head leaves only the chunks, so they get 4x that.
+        scale = 1 if self.need_w else 4
+        return scale * (3 * CPU_CHUNK_BYTES // 4 if device.type == "cpu" else 2 * CPU_CHUNK_BYTES)
 
     def __init__(self, hidden, weight, bias, dtype, need_h, need_w, need_b):
         self.h, self.dtype = hidden, dtype
