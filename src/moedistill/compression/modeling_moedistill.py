@@ -131,9 +131,9 @@ class CompressedExperts(nn.Module):
             order = order[: sum(counts)]
             token = order // k
         weight = top_k_weights.reshape(-1)[order]
-        gate_up = core_gate_up[token]  # [S, 2I]
+        gate_up = core_gate_up.index_select(0, token)  # [S, 2I]; index_select: its backward is index_add_
         if self.rank > 0:
-            x = hidden_states[token]  # [S, H]: every routed pair's input, grouped by expert
+            x = hidden_states.index_select(0, token)  # [S, H]: every routed pair's input, grouped by expert
             gate_up = gate_up + self._grouped_low_rank(x, counts, ("gate", "up"))
         h = self.act_fn(gate_up[:, :I]) * gate_up[:, I:]
         h = h * weight[:, None].to(h.dtype)
@@ -149,12 +149,12 @@ class CompressedExperts(nn.Module):
         """``B_e A_e x`` for each row of ``x`` (grouped by expert, ``counts[e]`` rows each),
         for every projection in ``projections``, concatenated along the last dimension."""
         factors = [[t.unbind(0) for t in self.wrapper(p)] for p in projections]
-        parts, start = [], 0
-        for e, n in enumerate(counts):
-            if n == 0:
+        parts = []
+        # split, not slices: a slice's backward writes a zero gradient the size of all of x
+        # (cost ~E x S x H); split's backward concatenates the E gradients once
+        for e, seg in enumerate(x.split(counts)):
+            if seg.shape[0] == 0:
                 continue
-            seg = x[start : start + n]
-            start += n
             outs = [F.linear(F.linear(seg, A[e]), B[e]) for B, A in factors]
             parts.append(outs[0] if len(outs) == 1 else torch.cat(outs, dim=1))
         if not parts:
