@@ -130,7 +130,8 @@ import moedistill.cache.generate as generate
 real = generate.write_part
 def write_part(path, arrays, attrs):  # observes only: which parts this run computed
     real(path, arrays, attrs)
-    print("wrote", path.name, file=sys.stderr)
+    sys.stderr.write(f"wrote {path.name}\\n")  # one write: tqdm's bar cannot land between the words
+    sys.stderr.flush()
 generate.write_part = write_part
 from moedistill.cli import main
 sys.exit(main(sys.argv[1:]))

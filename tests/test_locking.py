@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -295,6 +296,12 @@ td.destroy_process_group()
 """
 
 
+def _rank_lines(stdout: str) -> list[str]:
+    """The ranks' ``rank N: ...`` messages, sorted; two processes share the pipe, so one
+    message can land on the end of the other's line."""
+    return sorted(m.strip() for m in re.split(r"(?=rank \d: )", stdout) if m.startswith("rank "))
+
+
 def test_torchrun_rank0_takes_the_lock_and_every_rank_learns_its_verdict(tmp_path):
     script = tmp_path / "agree.py"
     script.write_text(AGREE)
@@ -304,12 +311,12 @@ def test_torchrun_rank0_takes_the_lock_and_every_rank_learns_its_verdict(tmp_pat
     with DirectoryLock(d, "teacher cache"):  # held by this process: both ranks refuse, none hangs
         r = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-5000:]
-    lines = sorted(x for x in r.stdout.splitlines() if x.startswith("rank "))
+    lines = _rank_lines(r.stdout)
     assert [x[:15] for x in lines] == ["rank 0: error: ", "rank 1: error: "], r.stdout
     assert lines[0][15:] == lines[1][15:] and f"pid {os.getpid()}," in lines[0]
     r = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-5000:]
-    lines = sorted(x for x in r.stdout.splitlines() if x.startswith("rank "))
+    lines = _rank_lines(r.stdout)
     assert [x.split(" holder=")[0] for x in lines] == ["rank 0: holds=True", "rank 1: holds=False"], r.stdout
     assert lines[0].split(" holder=")[1] == lines[1].split(" holder=")[1]  # one holder: rank 0
     assert not d.exists()
