@@ -178,6 +178,20 @@ LOSS_VARIANTS = {
 }
 
 
+def _labels_and_targets(g, n: int, v: int, k: int, device: str):
+    """Labels [1, N] and distinct top-k ids [1, N, k] with descending log-probs that leave
+    some mass outside the k ids, as a top-k cache would hold."""
+    import torch
+
+    labels = torch.randint(0, v, (1, n), generator=g).to(device)
+    base = torch.randint(0, v, (n, 1), generator=g)
+    step = torch.randint(1, max(v // k, 2), (n, 1), generator=g)
+    ids = ((base + torch.arange(k) * step) % v).unsqueeze(0).to(device)  # distinct per row
+    lps = torch.log_softmax(torch.randn(n, k + 1, generator=g) * 3.0, -1)[:, :k]
+    lps = lps.sort(-1, descending=True).values.unsqueeze(0).to(device)
+    return labels, ids, lps
+
+
 def _loss_inputs(cfg: LossBench):
     """Student logits [1, N, V], labels [1, N], distinct top-k ids [1, N, k] with descending
     log-probs that leave some mass outside the k ids, as a top-k cache would hold."""
@@ -188,12 +202,7 @@ def _loss_inputs(cfg: LossBench):
     # 256 random rows tiled: as costly to process as fully random logits, much faster to make
     block = torch.randn(min(n, 256), v, generator=g).mul_(2.0).to(getattr(torch, cfg.dtype))
     logits = block.repeat(-(-n // block.shape[0]), 1)[:n].unsqueeze(0).to(cfg.device)
-    labels = torch.randint(0, v, (1, n), generator=g).to(cfg.device)
-    base = torch.randint(0, v, (n, 1), generator=g)
-    step = torch.randint(1, max(v // k, 2), (n, 1), generator=g)
-    ids = ((base + torch.arange(k) * step) % v).unsqueeze(0).to(cfg.device)  # distinct per row
-    lps = torch.log_softmax(torch.randn(n, k + 1, generator=g) * 3.0, -1)[:, :k]
-    lps = lps.sort(-1, descending=True).values.unsqueeze(0).to(cfg.device)
+    labels, ids, lps = _labels_and_targets(g, n, v, k, cfg.device)
     return logits, labels, ids, lps
 
 
@@ -563,12 +572,7 @@ def _fused_inputs(cfg: FusedBench):
     weight = (torch.randn(cfg.vocab, cfg.hidden, generator=g) * (2.0 / cfg.hidden**0.5)).to(dtype).to(cfg.device)
     weight.requires_grad_(not cfg.frozen)
     n, v, k = cfg.positions, cfg.vocab, cfg.k  # targets made as in the loss section
-    labels = torch.randint(0, v, (1, n), generator=g).to(cfg.device)
-    base = torch.randint(0, v, (n, 1), generator=g)
-    step = torch.randint(1, max(v // k, 2), (n, 1), generator=g)
-    ids = ((base + torch.arange(k) * step) % v).unsqueeze(0).to(cfg.device)
-    lps = torch.log_softmax(torch.randn(n, k + 1, generator=g) * 3.0, -1)[:, :k]
-    lps = lps.sort(-1, descending=True).values.unsqueeze(0).to(cfg.device)
+    labels, ids, lps = _labels_and_targets(g, n, v, k, cfg.device)
     return hidden, weight, labels, ids, lps
 
 
