@@ -533,7 +533,7 @@ def _forward(source, lab, rows, teacher, alpha, temperature, denom, chunk_size):
     kl_sum = torch.zeros((), dtype=torch.float64, device=device)
     if n == 0:
         return ce_sum.float(), ce_sum.float(), ce_sum.float()
-    source.start()
+    source.start(n)  # n: the counted positions
     inv_t = 1.0 / temperature
     # d total / d logits = c_ce (softmax(z) - onehot(y)) + c_kl d KL / d u, with u = z / T.
     c_ce = (1.0 - alpha) / denom
@@ -665,10 +665,10 @@ class _LogitsSource:
         self.device, self.vocab = flat.device, flat.shape[1]
         self.grad = None
 
-    def start(self):
+    def start(self, n):
         if self.need_grad:
             self.grad = torch.empty_like(self.flat)
-            if int((self.lab != IGNORE_INDEX).sum()) < self.flat.shape[0]:  # uncounted: exactly zero
+            if n < self.flat.shape[0]:  # uncounted positions: exactly zero
                 self.grad.index_fill_(0, (self.lab == IGNORE_INDEX).nonzero().squeeze(1), 0)
 
     def load(self, dst, pieces):
@@ -707,7 +707,7 @@ class _LinearSource:
         self.grad_h = self.grad_w = self.grad_b = None
         self._chunk = None
 
-    def start(self):
+    def start(self, n=None):
         if self.need_h:
             self.grad_h = torch.zeros_like(self.h)  # uncounted positions: exactly zero
         if self.need_w:
