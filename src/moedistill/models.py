@@ -10,6 +10,8 @@ is imported (this module does), so checkpoint-0 loads here and with plain
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -107,3 +109,27 @@ def get_model(
     model.eval()
     tok = load_tokenizer(tokenizer_from or name_or_path, trust_remote_code) if with_tokenizer else None
     return model, tok
+
+
+@contextmanager
+def whole_under_zero3(always: bool = False):
+    """Load whole, not partitioned, under a DeepSpeed ZeRO-3 launch whose ``zero3_init_flag``
+    is false (the shipped conf/accelerate/deepspeed_zero3.yaml): the flag says so, but the
+    ``TrainingArguments`` built before the student registers the ZeRO-3 config with
+    transformers anyway, and ``from_pretrained`` would then partition on load. DeepSpeed
+    partitions the model itself when training starts. With the flag true, it loads
+    partitioned and the parameter-group checks count ``ds_numel``.
+    ``always``: whole whatever the flag (a temporary copy whose weights are copied in)."""
+    from transformers.integrations import deepspeed as hf_ds
+
+    ref = hf_ds._hf_deepspeed_config_weak_ref
+    registered = ref() if ref is not None else None
+    zero3_init = os.environ.get("ACCELERATE_DEEPSPEED_ZERO3_INIT", "false").lower() == "true"
+    if registered is None or not registered.is_zero3() or (zero3_init and not always):
+        yield
+        return
+    hf_ds.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_ds.set_hf_deepspeed_config(registered)

@@ -80,7 +80,8 @@ def assign(model: torch.nn.Module, config: ParamGroupsConfig, *, where: str = "p
         i = hits[0] if hits else len(rows) - 1
         row_of[name] = i
         rows[i].names.append(name)
-        rows[i].numel += p.numel()
+        # ds_numel: under DeepSpeed ZeRO-3 a partitioned parameter's own numel() is 0
+        rows[i].numel += int(getattr(p, "ds_numel", p.numel()))
     for i, r in enumerate(config.rules):
         if rows[i].names:
             continue

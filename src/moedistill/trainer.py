@@ -56,6 +56,7 @@ from moedistill.config import LossConfig, ParamGroupsConfig
 from moedistill.errors import UserError
 from moedistill.files import atomic_write_json, disk_full_as_error, model_bytes
 from moedistill.losses import IGNORE_INDEX, fused_linear_teacher_loss, teacher_loss
+from moedistill.models import whole_under_zero3
 from moedistill.param_groups import assign, format_table, freeze, optimizer_groups
 from moedistill.targets import KL_NAMES, PAD_VALUES, DenseTargets, SampledTargets, from_batch
 
@@ -182,7 +183,8 @@ def load_weights(model, checkpoint) -> None:
     them (huggingface/transformers#48805). Costs a second copy of the weights on the CPU."""
     logger.info("loading the student's weights from %s", checkpoint)
     dtype = next(model.parameters()).dtype
-    loaded = type(model).from_pretrained(checkpoint, dtype=dtype, device_map="cpu")
+    with whole_under_zero3(always=True):
+        loaded = type(model).from_pretrained(checkpoint, dtype=dtype, device_map="cpu")
     model.load_state_dict(loaded.state_dict(), strict=True)
     del loaded
 
@@ -238,6 +240,7 @@ class DistillationTrainer(Trainer):
             where = f"stage {stage_name!r}" if stage_name else "the run"
             raise UserError(f"{param_groups_key} freezes every parameter in {where}; give some rule lr_multiplier > 0")
         super().__init__(model=model, args=args, **kwargs)
+        self._zero3_frozen_inputs(model)
         self._lm_head = self._fused_head(model) if self.loss_config.fused_linear else None
         if teacher is not None:
             teacher.eval().requires_grad_(False)
@@ -253,6 +256,20 @@ class DistillationTrainer(Trainer):
                     self.param_plan, learning_rate=args.learning_rate, weight_decay=args.weight_decay, title=title
                 )
             )
+
+    def _zero3_frozen_inputs(self, model) -> None:
+        """Under DeepSpeed ZeRO-3 with frozen parameters (e.g. a wrappers-only stage), make the
+        embeddings' output require grad. ZeRO-3 gathers a module's partitioned weights for its
+        backward and frees them again by hooks on the module's inputs and outputs that count
+        only tensors requiring grad; behind a frozen embedding the first layers' inputs
+        require none, and their trainable experts' weights were freed before their gradients
+        were accumulated. Costs the input gradients of the frozen layers in front."""
+        plugin = getattr(self.accelerator.state, "deepspeed_plugin", None)
+        if not self.is_deepspeed_enabled or plugin is None or plugin.zero_stage != 3 or self.param_plan.frozen == 0:
+            return
+        target = self.accelerator.unwrap_model(model)
+        if hasattr(target, "enable_input_require_grads"):
+            target.enable_input_require_grads()
 
     # ------------------------------------------------------------------ loss
 

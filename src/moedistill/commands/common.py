@@ -7,7 +7,7 @@ import logging
 from moedistill.config import Config
 from moedistill.data import PackedData, prepare
 from moedistill.dist import launched_rank
-from moedistill.models import get_model, load_tokenizer
+from moedistill.models import get_model, load_tokenizer, whole_under_zero3
 
 
 def setup_logging() -> None:
@@ -37,10 +37,13 @@ def load_teacher(cfg: Config, *, with_tokenizer: bool = True):
 
 def load_student(cfg: Config, name: str):
     """The student at ``name`` in ``cfg.student.dtype`` (no tokenizer: the teacher's is used)."""
-    model, _ = get_model(
-        name, dtype=cfg.student.dtype, trust_remote_code=cfg.student.trust_remote_code, with_tokenizer=False
-    )
+    with whole_under_zero3():
+        model, _ = get_model(
+            name, dtype=cfg.student.dtype, trust_remote_code=cfg.student.trust_remote_code, with_tokenizer=False
+        )
     return model
+
+
 
 
 def prepare_split(cfg: Config, tokenizer, split: str | None = None, max_sequences: int | None = None) -> PackedData:

@@ -148,19 +148,66 @@ class CompressedExperts(nn.Module):
     def _grouped_low_rank(self, x: torch.Tensor, counts: list[int], projections: tuple[str, ...]) -> torch.Tensor:
         """``B_e A_e x`` for each row of ``x`` (grouped by expert, ``counts[e]`` rows each),
         for every projection in ``projections``, concatenated along the last dimension."""
-        factors = [[t.unbind(0) for t in self.wrapper(p)] for p in projections]
-        parts = []
-        # split, not slices: a slice's backward writes a zero gradient the size of all of x
-        # (cost ~E x S x H); split's backward concatenates the E gradients once
+        outs = [_GroupedLowRank.apply(x, *self.wrapper(p), counts) for p in projections]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+
+
+class _GroupedLowRank(torch.autograd.Function):
+    """``y[rows of expert e] = (x[rows of e] @ A[e].T) @ B[e].T`` for rows grouped by expert.
+
+    One autograd node whose backward returns the gradients of ``x``, ``A`` and ``B``
+    together, as ``F.linear``'s does; each factor's gradient is written expert by expert
+    into one [E, ...] buffer. Why not autograd over per-expert views: a slice ``A[e]``
+    writes a zero gradient the size of all of ``A`` per expert (cost ~ E^2); ``A.unbind(0)``
+    avoids that but its gradient reaches the parameter in a later node, after DeepSpeed
+    ZeRO-3 has already released the gathered parameter (the accumulation then fails on a
+    0-element weight). Under autocast both matmuls of a segment run in the autocast dtype,
+    as ``F.linear`` would; the factors' gradients come back in their own dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x, B, A, counts):
+        ts, ys = [], []
         for e, seg in enumerate(x.split(counts)):
-            if seg.shape[0] == 0:
+            if seg.shape[0]:
+                t = F.linear(seg, A[e])  # [n_e, r]
+                ts.append(t)
+                ys.append(F.linear(t, B[e]))
+        if not ys:  # no routed rows at all
+            dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            ctx.save_for_backward(x, B, A, x.new_zeros(0, A.shape[1], dtype=dt))
+            ctx.counts = counts
+            return x.new_zeros(0, B.shape[1], dtype=dt)
+        ctx.save_for_backward(x, B, A, torch.cat(ts))
+        ctx.counts = counts
+        return torch.cat(ys)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy):
+        x, B, A, t = ctx.saved_tensors
+        need_x, need_B, need_A = ctx.needs_input_grad[:3]
+        dt = t.dtype
+        gy = gy.to(dt)
+        gB = torch.zeros_like(B) if need_B else None
+        gA = torch.zeros_like(A) if need_A else None
+        gxs, off = [], 0
+        for e, n in enumerate(ctx.counts):
+            if n == 0:
                 continue
-            outs = [F.linear(F.linear(seg, A[e]), B[e]) for B, A in factors]
-            parts.append(outs[0] if len(outs) == 1 else torch.cat(outs, dim=1))
-        if not parts:
-            width = sum(self.core(p).shape[0] for p in projections)
-            return x.new_zeros(0, width)
-        return torch.cat(parts)
+            g, rows = gy[off:off + n], slice(off, off + n)
+            off += n
+            if need_B:
+                gB[e] = g.T @ t[rows]
+            gt = g @ B[e].to(dt)  # [n_e, r]
+            if need_A:
+                gA[e] = gt.T @ x[rows].to(dt)
+            if need_x:
+                gxs.append(gt @ A[e].to(dt))
+        gx = None
+        if need_x:
+            gx = torch.cat(gxs).to(x.dtype) if gxs else torch.zeros_like(x)
+        return gx, gB, gA, None
 
 
 def find_moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
