@@ -72,6 +72,9 @@ from moedistill.targets import DenseTargets, SparseTargets, Targets
 
 IGNORE_INDEX = -100
 TAIL_MODES = ("renormalize", "tail", "sample")
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd")
+# beta when none is given: TRL's generalized JSD default, DistiLLM's skew.
+DEFAULT_BETA = {"jsd": 0.5, "skew_kl": 0.1}
 # On CPU, a chunk's fp32 buffer is capped at this size (about 220 positions at V = 151,936).
 # The work buffers are new pages on every call, and on CPU touching fresh pages costs about
 # as much as the arithmetic: at 1,024 x 151,936 fwd+bwd took 1.5 s with 128-256 positions
@@ -80,13 +83,15 @@ CPU_CHUNK_BYTES = 128 * 2**20
 
 __all__ = [
     "LossOutput", "teacher_loss", "distillation_loss", "dense_distillation_loss", "fused_linear_teacher_loss",
-    "fused_linear_distillation_loss", "fused_linear_dense_distillation_loss", "IGNORE_INDEX", "TAIL_MODES",
+    "fused_linear_distillation_loss", "fused_linear_dense_distillation_loss", "check_divergence", "IGNORE_INDEX",
+    "TAIL_MODES", "DIVERGENCES", "DEFAULT_BETA",
 ]
 
 
 class LossOutput(NamedTuple):
     """``total`` carries the gradient; ``ce`` and ``kl`` are its unweighted, detached parts
-    (total = (1 - alpha) * ce + alpha * T^2 * kl), all 0-dim float32 tensors, for logging."""
+    (total = (1 - alpha) * ce + alpha * T^2 * kl), all 0-dim float32 tensors, for logging.
+    ``kl`` is the divergence term D: the KL for ``forward_kl`` (the default), else the chosen one."""
 
     total: torch.Tensor
     ce: torch.Tensor
@@ -104,6 +109,8 @@ def teacher_loss(
     alpha: float,
     temperature: float,
     tail: str = "renormalize",
+    divergence: str = "forward_kl",
+    beta: float | None = None,
     num_items_in_batch: int | torch.Tensor | None = None,
     chunk_size: int = 1024,
 ) -> LossOutput:
@@ -114,14 +121,15 @@ def teacher_loss(
     log-probs (and counts). Shapes and the other arguments as there."""
     if isinstance(targets, DenseTargets):
         return dense_distillation_loss(
-            student_logits, targets.logits, labels, alpha=alpha, temperature=temperature,
-            num_items_in_batch=num_items_in_batch, chunk_size=chunk_size,
+            student_logits, targets.logits, labels, alpha=alpha, temperature=temperature, divergence=divergence,
+            beta=beta, num_items_in_batch=num_items_in_batch, chunk_size=chunk_size,
         )
     if not isinstance(targets, SparseTargets):
         raise TypeError(f"targets must be TopKTargets, SampledTargets or DenseTargets, got {type(targets).__name__}")
     return distillation_loss(
         student_logits, labels, targets.ids, targets.logprobs, alpha=alpha, temperature=temperature, tail=tail,
-        target_counts=getattr(targets, "counts", None), num_items_in_batch=num_items_in_batch, chunk_size=chunk_size,
+        divergence=divergence, beta=beta, target_counts=getattr(targets, "counts", None),
+        num_items_in_batch=num_items_in_batch, chunk_size=chunk_size,
     )
 
 
@@ -134,11 +142,13 @@ def distillation_loss(
     alpha: float,
     temperature: float,
     tail: str = "renormalize",
+    divergence: str = "forward_kl",
+    beta: float | None = None,
     target_counts: torch.Tensor | None = None,
     num_items_in_batch: int | torch.Tensor | None = None,
     chunk_size: int = 1024,
 ) -> LossOutput:
-    """Blended CE + KL loss against sparse teacher targets from the cache.
+    """Blended CE + divergence loss against sparse teacher targets from the cache.
 
     Args:
         student_logits: [B, T, V], any float dtype (bf16 is fine: only chunks are upcast).
@@ -150,6 +160,10 @@ def distillation_loss(
         alpha: weight of the KL term in [0, 1]; 0 gives exactly the mean CE.
         temperature: T > 0, applied to student and teacher alike.
         tail: ``renormalize`` | ``tail`` | ``sample``, see the module docstring.
+        divergence: ``forward_kl`` (the default, KL(q_T || p_T)) | ``reverse_kl`` | ``jsd`` |
+            ``skew_kl`` | ``tvd``, see the module docstring; ``reverse_kl`` needs ``tail`` or ``sample``.
+        beta: in (0, 1), ``jsd``'s mixture weight or ``skew_kl``'s skew; None: ``DEFAULT_BETA``.
+            Only those two take one.
         target_counts: [B, T, W] draw counts (float or int; 0 at padding); ``sample`` only.
         num_items_in_batch: divisor for the sums (counted positions of the whole
             optimizer step); default: the counted positions of this call.
@@ -164,8 +178,10 @@ def distillation_loss(
     _check_scalars(alpha, temperature, chunk_size)
     if tail not in TAIL_MODES:
         raise UserError(f"tail={tail!r} is not a loss mode; use one of {', '.join(TAIL_MODES)}")
+    beta = check_divergence(divergence, beta, tail)
     flat, lab, vocab = _flatten_student(student_logits, labels)
-    teacher = _sparse_teacher(labels, target_ids, target_logprobs, target_counts, tail, temperature, vocab)
+    teacher = _sparse_teacher(labels, target_ids, target_logprobs, target_counts, tail, temperature, vocab,
+                              divergence, beta)
     return _run(student_logits, flat, lab, teacher, alpha, temperature, num_items_in_batch, chunk_size)
 
 
@@ -176,31 +192,36 @@ def dense_distillation_loss(
     *,
     alpha: float,
     temperature: float,
+    divergence: str = "forward_kl",
+    beta: float | None = None,
     num_items_in_batch: int | torch.Tensor | None = None,
     chunk_size: int = 1024,
 ) -> LossOutput:
     """The same loss with the teacher's full logits at hand (online teacher, or k = V).
 
-    q_T = softmax(teacher_logits / T) over the full vocabulary, so KL is the plain forward
-    KL(q_T || p_T). Chunked like ``distillation_loss``: neither tensor is upcast whole.
+    q_T = softmax(teacher_logits / T) over the full vocabulary, so the divergence is the plain
+    full-vocabulary one (forward KL(q_T || p_T) by default). Chunked like ``distillation_loss``:
+    neither tensor is upcast whole.
 
     Args:
         student_logits: [B, T, V], any float dtype.
         teacher_logits: [B, T, V], any float dtype, same positions; no gradient flows to it.
         labels: [B, T] int64, already shifted; -100 = ignore.
-        alpha, temperature, num_items_in_batch, chunk_size: as in ``distillation_loss``.
+        alpha, temperature, divergence, beta, num_items_in_batch, chunk_size: as in
+            ``distillation_loss`` (every divergence works with a dense teacher).
 
     Returns:
         LossOutput(total, ce, kl).
     """
     _check_scalars(alpha, temperature, chunk_size)
+    beta = check_divergence(divergence, beta, None)
     flat, lab, vocab = _flatten_student(student_logits, labels)
     if teacher_logits.shape != student_logits.shape:
         raise UserError(
             f"teacher logits {tuple(teacher_logits.shape)} differ from student logits "
             f"{tuple(student_logits.shape)}; teacher and student must share the vocabulary and positions"
         )
-    teacher = _DenseTeacher(teacher_logits.detach().reshape(-1, vocab), temperature)
+    teacher = _DenseTeacher(teacher_logits.detach().reshape(-1, vocab), temperature, divergence, beta)
     return _run(student_logits, flat, lab, teacher, alpha, temperature, num_items_in_batch, chunk_size)
 
 
@@ -214,6 +235,8 @@ def fused_linear_distillation_loss(
     alpha: float,
     temperature: float,
     tail: str = "renormalize",
+    divergence: str = "forward_kl",
+    beta: float | None = None,
     target_counts: torch.Tensor | None = None,
     num_items_in_batch: int | torch.Tensor | None = None,
     chunk_size: int = 1024,
@@ -243,8 +266,8 @@ def fused_linear_distillation_loss(
         lm_head_weight: [V, H], the output layer's weight (the input embedding when tied).
             No weight gradient is computed when it does not require grad (a frozen head).
         lm_head_bias: [V] or None.
-        labels, target_ids, target_logprobs, alpha, temperature, tail, target_counts,
-        num_items_in_batch, chunk_size: as in :func:`distillation_loss`.
+        labels, target_ids, target_logprobs, alpha, temperature, tail, divergence, beta,
+        target_counts, num_items_in_batch, chunk_size: as in :func:`distillation_loss`.
 
     Returns:
         LossOutput(total, ce, kl); gradients flow to hidden, weight and bias.
@@ -252,8 +275,10 @@ def fused_linear_distillation_loss(
     _check_scalars(alpha, temperature, chunk_size)
     if tail not in TAIL_MODES:
         raise UserError(f"tail={tail!r} is not a loss mode; use one of {', '.join(TAIL_MODES)}")
+    beta = check_divergence(divergence, beta, tail)
     flat_h, lab, vocab = _flatten_hidden(hidden, lm_head_weight, lm_head_bias, labels)
-    teacher = _sparse_teacher(labels, target_ids, target_logprobs, target_counts, tail, temperature, vocab)
+    teacher = _sparse_teacher(labels, target_ids, target_logprobs, target_counts, tail, temperature, vocab,
+                              divergence, beta)
     return _run_linear(hidden, flat_h, lm_head_weight, lm_head_bias, lab, teacher, alpha, temperature,
                        num_items_in_batch, chunk_size)
 
@@ -266,6 +291,8 @@ def fused_linear_dense_distillation_loss(
     *,
     alpha: float,
     temperature: float,
+    divergence: str = "forward_kl",
+    beta: float | None = None,
     num_items_in_batch: int | torch.Tensor | None = None,
     chunk_size: int = 1024,
     lm_head_bias: torch.Tensor | None = None,
@@ -274,13 +301,14 @@ def fused_linear_dense_distillation_loss(
     student's logits (an online teacher's logits still exist whole); see
     :func:`fused_linear_distillation_loss`."""
     _check_scalars(alpha, temperature, chunk_size)
+    beta = check_divergence(divergence, beta, None)
     flat_h, lab, vocab = _flatten_hidden(hidden, lm_head_weight, lm_head_bias, labels)
     if tuple(teacher_logits.shape) != (*labels.shape, vocab):
         raise UserError(
             f"teacher logits {tuple(teacher_logits.shape)} do not match labels {tuple(labels.shape)} + "
             f"[{vocab}] (the lm_head's vocabulary); teacher and student must share the vocabulary and positions"
         )
-    teacher = _DenseTeacher(teacher_logits.detach().reshape(-1, vocab), temperature)
+    teacher = _DenseTeacher(teacher_logits.detach().reshape(-1, vocab), temperature, divergence, beta)
     return _run_linear(hidden, flat_h, lm_head_weight, lm_head_bias, lab, teacher, alpha, temperature,
                        num_items_in_batch, chunk_size)
 
@@ -294,13 +322,15 @@ def fused_linear_teacher_loss(
     alpha: float,
     temperature: float,
     tail: str = "renormalize",
+    divergence: str = "forward_kl",
+    beta: float | None = None,
     num_items_in_batch: int | torch.Tensor | None = None,
     chunk_size: int = 1024,
     lm_head_bias: torch.Tensor | None = None,
 ) -> LossOutput:
     """:func:`teacher_loss` with the lm_head fused in: dense or sparse targets alike."""
-    common = dict(alpha=alpha, temperature=temperature, num_items_in_batch=num_items_in_batch,
-                  chunk_size=chunk_size, lm_head_bias=lm_head_bias)
+    common = dict(alpha=alpha, temperature=temperature, divergence=divergence, beta=beta,
+                  num_items_in_batch=num_items_in_batch, chunk_size=chunk_size, lm_head_bias=lm_head_bias)
     if isinstance(targets, DenseTargets):
         return fused_linear_dense_distillation_loss(hidden, lm_head_weight, targets.logits, labels, **common)
     if not isinstance(targets, SparseTargets):
@@ -321,6 +351,32 @@ def _check_scalars(alpha, temperature, chunk_size):
         raise UserError(f"temperature={temperature} must be > 0, e.g. temperature=2.0")
     if int(chunk_size) < 1:
         raise UserError(f"chunk_size={chunk_size} must be >= 1 (positions per chunk), e.g. 1024")
+
+
+def check_divergence(divergence: str, beta: float | None, tail: str | None) -> float | None:
+    """The ``beta`` the divergence will use (None for those without one), or a UserError.
+
+    ``tail`` is the sparse teacher's mode, None for a dense teacher. Refused: an unknown name;
+    a beta for a divergence that takes none, or outside (0, 1); ``reverse_kl`` with
+    ``renormalize`` (the renormalised teacher is 0 outside the stored ids, where the student
+    is not, so KL(p_T || q_T) is infinite)."""
+    if divergence not in DIVERGENCES:
+        raise UserError(f"divergence={divergence!r} is not a divergence; use one of {', '.join(DIVERGENCES)}")
+    if divergence == "reverse_kl" and tail == "renormalize":
+        raise UserError("divergence=reverse_kl is infinite with tail=renormalize (the renormalised teacher is 0 "
+                        "outside the stored ids); use tail=tail, or tail=sample with a sample cache")
+    if divergence not in DEFAULT_BETA:
+        if beta is not None:
+            raise UserError(f"beta={beta} has no meaning for divergence={divergence}; only jsd and skew_kl take "
+                            f"one: leave beta unset (null)")
+        return None
+    if beta is None:
+        return DEFAULT_BETA[divergence]
+    if not 0.0 < beta < 1.0:
+        hint = "forward_kl" if divergence == "skew_kl" or beta <= 0 else "reverse_kl"
+        raise UserError(f"beta={beta} is outside (0, 1) for divergence={divergence}; e.g. beta="
+                        f"{DEFAULT_BETA[divergence]}, or divergence={hint} for the limit")
+    return float(beta)
 
 
 def _flatten_student(student_logits, labels):
@@ -351,7 +407,7 @@ def _check_labels(lab, vocab):
     return lab
 
 
-def _sparse_teacher(labels, target_ids, target_logprobs, target_counts, tail, temperature, vocab):
+def _sparse_teacher(labels, target_ids, target_logprobs, target_counts, tail, temperature, vocab, divergence, beta):
     lead = tuple(labels.shape)
     if target_ids.shape[:-1] != lead or target_logprobs.shape != target_ids.shape:
         raise UserError(
@@ -378,6 +434,8 @@ def _sparse_teacher(labels, target_ids, target_logprobs, target_counts, tail, te
         tail,
         temperature,
         vocab,
+        divergence,
+        beta,
     )
 
 
@@ -578,9 +636,12 @@ def _forward(source, lab, rows, teacher, alpha, temperature, denom, chunk_size):
             continue
         # x holds softmax(z); turn it into this chunk's gradient, g = scale * x, in place.
         # d total / d z = c_ce (p - onehot(y)) + c_kl (beta p_T + teacher scatter or dense term).
-        if p_t is x:  # T = 1: p_T is p
+        if p_t is x and teacher.signed_beta:  # T = 1, beta of either sign: scale now, not by 1 / scale later
+            x.mul_(c_ce + c_kl * beta)
+            scale = 1.0
+        elif p_t is x:  # T = 1: p_T is p
             scale = c_ce + c_kl * beta
-        elif teacher.masks_probs:  # tail: beta may be negative
+        elif teacher.masks_probs or teacher.signed_beta:  # beta may be negative
             x.mul_(c_ce)
             x.addcmul_(p_t, c_kl * beta)
             scale = 1.0
@@ -760,16 +821,21 @@ def _as(t, dtype):
 # ``observe(sl, pieces, u)`` (sl: the chunk's slice of the counted positions, pieces: its
 # runs of rows, see _chunks) gets u = z / T [C, V] and returns a state;
 # ``finish(state, p, lse)`` gets p = p_T = softmax(u) [C, V] and lse = logsumexp(u) [C, 1]
-# (so log p_T = u - lse) and returns the per-row KL and a coefficient beta (a float or
-# [C, 1]); d KL / d u is then  beta * p  plus what ``add_grad`` adds (a scatter on the
-# stored ids, or a dense term).
+# (so log p_T = u - lse) and returns the per-row divergence and a coefficient beta (a float
+# or [C, 1]); d D / d u is then  beta * p  plus what ``add_grad`` adds (a scatter on the
+# stored ids, or a dense term). ``masks_probs``: finish zeroes p on the stored ids (the
+# engine then gives it a copy at T = 1); ``signed_beta``: beta may be negative.
 
 
 class _SparseTeacher:
-    def __init__(self, ids, logprobs, counts, tail, temperature, vocab):
+    def __init__(self, ids, logprobs, counts, tail, temperature, vocab, divergence="forward_kl", beta=None):
         self.ids, self.logprobs, self.counts = ids, logprobs, counts
         self.tail, self.inv_t, self.vocab = tail, 1.0 / temperature, vocab
-        self.masks_probs = tail == "tail"
+        self.divergence, self.beta = divergence, beta
+        forward = divergence == "forward_kl"
+        # the other divergences need the student's exact mass outside S in renormalize mode too
+        self.masks_probs = tail == "tail" or (not forward and tail == "renormalize")
+        self.signed_beta = not forward
 
     def select(self, rows):
         self.ids = self.ids.index_select(0, rows)
@@ -791,24 +857,19 @@ class _SparseTeacher:
         idx = ids.clamp(min=0)  # padding (PAD_ID) points at id 0 and is masked out by `valid`
         return {"idx": idx, "lp": lp, "valid": valid, "counts": counts, "u": u.gather(1, idx)}
 
-    def finish(self, st, p, lse):
+    def _sample_weights(self, st):
+        """The self-normalised importance weights w and log q_T(i) = lp_i / T - log Z_T on S."""
         lp, valid = st["lp"], st["valid"]
-        log_p = st["u"] - lse  # log p_T on the stored ids
+        logw = torch.where(valid, st["counts"].log() + (self.inv_t - 1.0) * lp, torch.full_like(lp, -math.inf))
+        lse_w = _safe_lse(logw)
+        w = (logw - lse_w).exp()  # self-normalised importance weights
+        # log q_T(i) = lp_i / T - log Z_T, Z_T estimated by (1/N) sum c q^(1/T - 1).
+        log_q = lp * self.inv_t - (lse_w - st["counts"].sum(1, keepdim=True).clamp_min(1).log())
+        return w, log_q
+
+    def _bucket_teacher(self, lp, valid):
+        """``tail`` mode's teacher: log q_T on S, log q_T(tail) [C, 1] and |S| per row."""
         ninf = torch.full_like(lp, -math.inf)
-        if self.tail in ("renormalize", "sample"):
-            if self.tail == "renormalize":
-                logw = torch.where(valid, lp * self.inv_t, ninf)
-                w = (logw - _safe_lse(logw)).exp()  # q_T on the stored ids, 0 at padding
-                log_q = lp * self.inv_t - _safe_lse(logw)
-            else:
-                logw = torch.where(valid, st["counts"].log() + (self.inv_t - 1.0) * lp, ninf)
-                lse_w = _safe_lse(logw)
-                w = (logw - lse_w).exp()  # self-normalised importance weights
-                # log q_T(i) = lp_i / T - log Z_T, Z_T estimated by (1/N) sum c q^(1/T - 1).
-                log_q = lp * self.inv_t - (lse_w - st["counts"].sum(1, keepdim=True).clamp_min(1).log())
-            st["gamma"] = -w
-            return _where_sum(valid, w * (log_q - log_p)), w.sum(1, keepdim=True)
-        # tail: coarsened distributions over the stored ids plus one bucket.
         k_valid = valid.sum(1, keepdim=True)
         mass = _safe_lse(torch.where(valid, lp, ninf), empty=-math.inf)  # log sum_S q (T=1)
         log_r = torch.log(-torch.expm1(mass.clamp(max=0.0)))  # log of the tail mass r
@@ -821,20 +882,82 @@ class _SparseTeacher:
         )
         logw = torch.where(valid, lp * self.inv_t, ninf)
         log_zq = torch.logaddexp(_safe_lse(logw, empty=-math.inf), a_tail)  # finite: r = 1 if S is empty
-        log_q = logw - log_zq
+        return logw - log_zq, a_tail - log_zq, k_valid
+
+    def finish(self, st, p, lse):
+        if self.divergence != "forward_kl":
+            return self._finish_other(st, p, lse)
+        lp, valid = st["lp"], st["valid"]
+        log_p = st["u"] - lse  # log p_T on the stored ids
+        ninf = torch.full_like(lp, -math.inf)
+        if self.tail in ("renormalize", "sample"):
+            if self.tail == "renormalize":
+                logw = torch.where(valid, lp * self.inv_t, ninf)
+                w = (logw - _safe_lse(logw)).exp()  # q_T on the stored ids, 0 at padding
+                log_q = lp * self.inv_t - _safe_lse(logw)
+            else:
+                w, log_q = self._sample_weights(st)
+            st["gamma"] = -w
+            return _where_sum(valid, w * (log_q - log_p)), w.sum(1, keepdim=True)
+        # tail: coarsened distributions over the stored ids plus one bucket.
+        log_q, log_q_tail, _ = self._bucket_teacher(lp, valid)
         q = log_q.exp()
-        q_tail = (a_tail - log_zq).exp()
+        q_tail = log_q_tail.exp()
         # Student bucket: the sum of p outside S, exactly (zero the stored ids: x + (-x) == 0).
         p_s = p.gather(1, st["idx"])
         p.scatter_add_(1, st["idx"], torch.where(valid, -p_s, torch.zeros_like(p_s)))
         p_tail = p.sum(1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)  # underflow: huge, finite KL
         kl = _where_sum(valid, q * (log_q - log_p))
         kl = kl + torch.where(
-            q_tail > 0, q_tail * (a_tail - log_zq - p_tail.log()), torch.zeros_like(q_tail)
+            q_tail > 0, q_tail * (log_q_tail - p_tail.log()), torch.zeros_like(q_tail)
         ).squeeze(1)
         # d KL / d u_j = p_j - q_j on S and p_j (1 - q_tail / p_tail) outside S (p is now 0 on S).
         st["gamma"] = torch.where(valid, p_s - q, torch.zeros_like(q))
         return kl, 1.0 - torch.where(q_tail > 0, q_tail / p_tail, torch.zeros_like(q_tail))
+
+    def _finish_other(self, st, p, lse):
+        """reverse_kl, jsd, skew_kl, tvd; see the module docstring."""
+        lp, valid = st["lp"], st["valid"]
+        zero = torch.zeros_like(lp)
+        log_p = st["u"] - lse  # log p_T on the stored ids
+        p_s = p.gather(1, st["idx"])
+        if self.tail == "sample":
+            # D = sum_S w_i h(rho_i), rho_i = p_T(i) / q_T(i); d D / d u_j = w_j a_j [j in S] - p_j sum_S w a.
+            w, log_q = self._sample_weights(st)
+            h, a = _ratio_terms(self.divergence, self.beta, torch.where(valid, log_p - log_q, zero))
+            wa = torch.where(valid, w * a, zero)
+            st["gamma"] = wa
+            return _where_sum(valid, w * h), -wa.sum(1, keepdim=True)
+        # renormalize, tail: (|S| + 1)-outcome distributions, the bucket for the mass outside S.
+        if self.tail == "tail":
+            log_q, log_q_tail, k_valid = self._bucket_teacher(lp, valid)
+        else:  # renormalize: q_T is 0 outside S
+            logw = torch.where(valid, lp * self.inv_t, torch.full_like(lp, -math.inf))
+            log_q = logw - _safe_lse(logw)
+            k_valid = valid.sum(1, keepdim=True)
+            log_q_tail = torch.full_like(log_p[:, :1], -math.inf)
+        tiny = torch.finfo(p.dtype).tiny
+        if self.divergence == "reverse_kl":  # a teacher bucket of 0 (its mass rounded away): the smallest normal
+            log_q_tail = log_q_tail.clamp(min=math.log(tiny))
+        log_q = torch.where(valid, log_q, zero)  # padding: any finite value, masked below
+        p.scatter_add_(1, st["idx"], torch.where(valid, -p_s, torch.zeros_like(p_s)))  # exact sum outside S
+        p_tail = p.sum(1, keepdim=True).clamp_min(tiny)
+        d_s, g_s = _terms(self.divergence, self.beta, log_q, log_q.exp(), log_p, p_s)
+        d_b, g_b = _terms(self.divergence, self.beta, log_q_tail, log_q_tail.exp(), p_tail.log(), p_tail)
+        bucket = self.vocab - k_valid > 0  # k = V: no bucket
+        d_b, g_b = torch.where(bucket, d_b, 0.0), torch.where(bucket, g_b, 0.0)
+        a_s = torch.where(valid, p_s * g_s, zero)
+        big_a = a_s.sum(1, keepdim=True) + p_tail * g_b  # sum over all outcomes of p dD/dp
+        d = _where_sum(valid, d_s) + d_b.squeeze(1)
+        # d D / d u_j = p_j (g_j - big_a): a_i - p_i big_a on S, p_j (g_b - big_a) outside S (p is 0 on S now).
+        gamma = torch.where(valid, a_s - p_s * big_a, zero)
+        coef = g_b - big_a
+        if self.tail == "renormalize":  # a position with no stored id has no teacher: D = 0, no gradient
+            some = k_valid > 0
+            d, gamma, coef = torch.where(some.squeeze(1), d, 0.0), torch.where(some, gamma, 0.0), torch.where(
+                some, coef, 0.0)
+        st["gamma"] = gamma
+        return d, coef
 
     def add_grad(self, st, g, coef):
         g.scatter_add_(1, st["idx"], torch.where(st["valid"], st["gamma"] * coef, torch.zeros_like(st["gamma"])))
@@ -843,33 +966,92 @@ class _SparseTeacher:
 class _DenseTeacher:
     masks_probs = False
 
-    def __init__(self, logits, temperature):
+    def __init__(self, logits, temperature, divergence="forward_kl", beta=None):
         self.logits, self.inv_t = logits, 1.0 / temperature
+        self.divergence, self.beta = divergence, beta
+        self.signed_beta = divergence != "forward_kl"
 
     def select(self, rows):
         pass
 
     def allocate(self, work):
         self.buf_t, self.buf_q = work(), work()
+        if self.signed_beta:
+            self.buf_lp = work()  # log p_T: u is gone by finish
 
     def observe(self, sl, pieces, u):
         c = u.shape[0]
         log_q = _gather_rows(self.buf_t[:c], self.logits, pieces).mul_(self.inv_t)
         torch.log_softmax(log_q, dim=1, out=log_q)
         q = torch.softmax(log_q, dim=1, out=self.buf_q[:c])
+        if self.signed_beta:
+            return {"q": q, "log_q": log_q, "log_p": torch.log_softmax(u, dim=1, out=self.buf_lp[:c])}
         # sum_v q (log q - u), with 0 where q == 0 (a teacher logit of -inf); + lse in finish.
         log_q.sub_(u).mul_(q)
         log_q.masked_fill_(q == 0, 0.0)
         return {"q": q, "kl": log_q.sum(1)}
 
     def finish(self, st, p, lse):
-        return st["kl"] + lse.squeeze(1), 1.0
+        if not self.signed_beta:
+            return st["kl"] + lse.squeeze(1), 1.0
+        log_q = st["log_q"]
+        if self.divergence == "reverse_kl":  # q = 0 (a teacher logit of -inf): the smallest normal, finite
+            log_q.clamp_(min=math.log(torch.finfo(log_q.dtype).tiny))
+        d, g = _terms(self.divergence, self.beta, log_q, st["q"], st["log_p"], p)
+        a = g.mul_(p)  # p dD/dp; d D / d u = a - p sum(a)
+        st["a"] = a
+        return d.sum(1), -a.sum(1, keepdim=True)
 
     def add_grad(self, st, g, coef):
+        key = "a" if self.signed_beta else "q"
+        sign = 1.0 if self.signed_beta else -1.0
         if isinstance(coef, float):
-            g.add_(st["q"], alpha=-coef)
+            g.add_(st[key], alpha=sign * coef)
         else:
-            g.addcmul_(st["q"], -coef)
+            g.addcmul_(st[key], sign * coef)
+
+
+# --------------------------------------------------------------------------- divergences
+#
+# Per-outcome terms of the divergences other than forward KL, each in its standardised form
+# d(q, p) = p f~(q / p), f~(t) = f(t) - f'(1) (t - 1): >= 0 term by term, 0 only at p = q, and
+# summing to the divergence whenever both sides sum to 1 (see the module docstring).
+
+
+def _terms(divergence, beta, log_q, q, log_p, p):
+    """Elementwise (d, dd/dp) for outcomes of teacher mass q and student mass p (any shape);
+    q may be 0 (log_q = -inf) except for reverse_kl, whose callers floor it."""
+    if divergence == "reverse_kl":  # p log(p / q) - p + q
+        s = log_p - log_q
+        return p * s - p + q, s
+    if divergence == "tvd":  # |p - q| / 2
+        diff = p - q
+        return diff.abs().mul_(0.5), diff.sign().mul_(0.5)
+    # jsd, skew_kl: the mixture m = beta q + (1 - beta) p
+    log_m = torch.logaddexp(log_q + math.log(beta), log_p + math.log1p(-beta))
+    log_qm = torch.where(q > 0, log_q - log_m, torch.zeros_like(log_q))  # log(q / m); q = 0 is multiplied by 0
+    if divergence == "jsd":  # beta q log(q / m) + (1 - beta) p log(p / m)
+        log_pm = log_p - log_m
+        return beta * q * log_qm + (1.0 - beta) * p * log_pm, (1.0 - beta) * log_pm
+    # skew_kl: q log(q / m) - (1 - beta)(q - p)
+    q_m = torch.where(q > 0, log_qm.exp(), torch.zeros_like(log_qm))
+    return q * log_qm - (1.0 - beta) * (q - p), (1.0 - beta) * (1.0 - q_m)
+
+
+def _ratio_terms(divergence, beta, s):
+    """``sample`` mode: (h, a) of s = log(p / q) elementwise, h = d(q, p) / q the estimator's
+    term and a = p dh/dp."""
+    rho = s.exp()
+    if divergence == "reverse_kl":  # rho log rho - rho + 1
+        return rho * s - rho + 1.0, rho * s
+    if divergence == "tvd":  # |1 - rho| / 2
+        return (1.0 - rho).abs() * 0.5, rho * (rho - 1.0).sign() * 0.5
+    log_mq = torch.logaddexp(torch.full_like(s, math.log(beta)), s + math.log1p(-beta))  # log(m / q)
+    if divergence == "jsd":  # -beta log(m / q) + (1 - beta) rho log(p / m)
+        log_pm = s - log_mq
+        return -beta * log_mq + (1.0 - beta) * rho * log_pm, (1.0 - beta) * rho * log_pm
+    # skew_kl: -log(m / q) - (1 - beta)(1 - rho)
+    return -log_mq - (1.0 - beta) * (1.0 - rho), (1.0 - beta) * rho * (1.0 - (-log_mq).exp())
 
 
 def _safe_lse(logw, empty=0.0):
