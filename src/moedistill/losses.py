@@ -1,6 +1,6 @@
-"""The distillation loss: cross-entropy on the labels blended with KL to the teacher.
+"""The distillation loss: cross-entropy on the labels blended with a divergence to the teacher.
 
-    L = (1 - alpha) * CE(student, labels) + alpha * T^2 * KL(q_T || p_T)
+    L = (1 - alpha) * CE(student, labels) + alpha * T^2 * D(q_T, p_T),   D = KL(q_T || p_T) by default
 
 ``p_T = softmax(z / T)`` over the student's full vocabulary; ``q_T`` is the teacher at
 temperature T. Offline, the teacher comes from the cache as sparse log-probabilities
@@ -51,6 +51,59 @@ the full vocabulary, padding (``moedistill.targets.PAD_ID`` / ``PAD_LOGPROB``) i
   stored log-probs and Z_T = sum_v q_v^(1/T) estimated by (1/N) sum_S c_i q_i^(1/T - 1)
   (exactly 1 at T = 1). Only the -sum w log p_T part has a gradient; it is unbiased at
   T = 1 and consistent otherwise, and the estimate converges to the exact KL as N grows.
+
+Divergences (``divergence``; ``beta`` for jsd and skew_kl, in (0, 1)). With m = beta q + (1 - beta) p:
+
+* ``forward_kl`` (default): KL(q || p), everything above; its code is unchanged by the others.
+* ``reverse_kl``: KL(p || q) = sum p log(p / q) (MiniLLM; mode-seeking).
+* ``jsd``: beta KL(q || m) + (1 - beta) KL(p || m), TRL's generalized JSD (default beta 0.5;
+  its beta -> 0 / 1 limits, divided by beta / 1 - beta, are forward / reverse KL, which is why
+  the ends are refused here: use those names).
+* ``skew_kl``: KL(q || m), DistiLLM's skew KL (default beta 0.1; beta -> 0 is forward KL).
+* ``tvd``: (1/2) sum |q - p| (DistillKit's tvd).
+
+All five are f-divergences, D = sum_v p_v f(q_v / p_v) with f convex and f(1) = 0. The other
+four are computed term by term in the standardised form d(q, p) = p f~(q / p), f~(t) = f(t) -
+f'(1)(t - 1) (f'(1) = -1 reverse, 0 jsd, 1 - beta skew, 0 tvd): each term is >= 0 and 0 only at
+p = q, and the terms sum to the same D whenever both sides sum to 1 over the outcomes (so the
+two forms differ only where the estimate below is not normalised). Gradient: with g = dd/dp
+per outcome, d D / d u_j = p_j (g_j - sum_k p_k g_k) (the softmax's Jacobian); per outcome
+(s = log(p / q)): reverse d = p s - p + q, g = s; jsd g = (1 - beta) log(p / m); skew
+g = (1 - beta)(1 - q / m); tvd g = sign(p - q) / 2 (0 at p = q, a subgradient). What each mode makes of them:
+
+* dense teacher (online, or any k = V): the plain full-vocabulary divergence, exact.
+* ``renormalize``: D between the renormalised teacher (q_T on S as above, exactly 0 outside S)
+  and the full student. The student's mass outside S enters as one bucket p_T(tail) (summed
+  exactly, as in ``tail``), and for a q of 0 the bucket is no coarsening at all (sum over the
+  outside ids of p_j f(0) = f(0) p_T(tail)), so jsd / skew_kl / tvd are exact for that target;
+  the approximation is the target itself, which drops the teacher's mass outside S.
+  reverse_kl would be infinite (p log(p / 0)) and is refused (``check_divergence``).
+* ``tail``: D between the coarsened (|S| + 1)-outcome distributions of the ``tail`` mode.
+  Every f-divergence only shrinks under coarsening (data processing), so at T = 1 each is a
+  lower bound of the full divergence, and exact when the tail is empty or |S| = V; at T != 1
+  the teacher bucket carries the documented spread assumption. reverse_kl's bucket term is
+  p_tail log(p_tail / q_tail): finite wherever the tail mass r > 0; where r rounds to 0 with
+  ids still outside S, q_tail is taken as the smallest normal float32 (a large, finite
+  penalty on the student's tail, like the clamp of p_tail above).
+* ``sample``: with rho_i = p_T(i) / q_T(i) (q_T from the stored log-probs and Z_T as above),
+  D = E_{q_T}[rho f~(1 / rho)] is estimated by sum_S w_i rho_i f~(1 / rho_i) = sum_S w_i
+  d(q_i, p_i) / q_i: unbiased at T = 1 in value and gradient (w_i = c_i / N, Z_T = 1),
+  consistent otherwise. The standardised f~ matters here: the plain reverse-KL term rho log rho
+  is minimised at rho = 1/e, so against a fixed set of draws (a cache is fixed) it would pull
+  the student's mass off the drawn ids; rho log rho - rho + 1 (its expectation is the same, as
+  E_q[rho] = 1) is minimised at p = q on every drawn id. The spread of the estimate grows with
+  sum_v p_v^2 / q_v: reverse_kl, which weighs the student's mass where the teacher has little,
+  sees an id the teacher rarely draws only through the rare draws that hit it (a strongly
+  peaked teacher needs N >> 1 / q_v for that id; tests/test_divergences.py shows both cases).
+  On a sample cache, ``tail`` gives the deterministic coarsened bound instead (exact at T=1;
+  its spread assumption presumes top-k order, which sampled ids do not have).
+
+Why T^2 for every divergence: near p = q each f-divergence is f''(1)/2 * chi^2(q, p), and for
+logit differences delta the tempered chi^2 falls as |delta|^2 / T^2, so T^2 keeps the gradient's
+scale across temperatures (Hinton's argument for KL holds for all the smooth ones). f''(1) is 1
+for both KLs, beta(1 - beta) for jsd (1/4 at 0.5) and (1 - beta)^2 for skew_kl, so the same alpha
+weighs the divergences differently; tvd is not smooth at p = q and its gradient falls only as
+1 / T, so T^2 raises its weight by T. Evaluation always reports the KL (the trainer's kl_* metrics).
 
 Masking and means: a position whose label is -100 counts in neither term. CE and KL are
 sums over counted positions divided by ``num_items_in_batch`` when given (the trainer
