@@ -432,10 +432,34 @@ def test_tiny_teacher_full_rank_roundtrip(tiny):
     assert _rel(_logits(student, x).logits, _logits(teacher, x).logits) <= 1e-5
 
 
-def test_calibration_in_layer_groups_equals_one_pass(qwen, calib, stats):
-    """A teacher whose Gram matrices do not fit at once is calibrated group by group, with the same result."""
-    grouped = collect_calibration_stats(qwen, calib, max_gram_bytes=1)  # one layer per pass, stopped early
-    for l in range(len(stats.counts)):
-        assert torch.equal(grouped.counts[l], stats.counts[l])
-        torch.testing.assert_close(grouped.gram_in[l], stats.gram_in[l])
-        torch.testing.assert_close(grouped.gram_mid[l], stats.gram_mid[l])
+def test_layer_by_layer_calibration_equals_hooks_on_one_full_forward(qwen, calib, stats):
+    """Each layer run on the previous one's outputs (GPTQ style) == hooks on the whole model's forward
+    (the pre-streaming algorithm, written out plainly here): same counts, same Grams."""
+    blocks = [b for _, b in find_moe_blocks(qwen)]
+    counts = [torch.zeros(E, dtype=torch.float64) for _ in blocks]
+    g_in = [torch.zeros(E, H, H, dtype=torch.float64) for _ in blocks]
+    g_mid = [torch.zeros(E, I, I, dtype=torch.float64) for _ in blocks]
+
+    def hook(l):
+        def fn(module, args, kwargs):
+            hidden, index = args[0], args[1]
+            W = teacher_expert_weights(module)
+            for t in range(hidden.shape[0]):
+                for e in index[t].tolist():
+                    counts[l][e] += 1
+                    x = hidden[t].double()
+                    mid = F.silu(W["gate"][e].double() @ x) * (W["up"][e].double() @ x)
+                    g_in[l][e] += torch.outer(x, x)
+                    g_mid[l][e] += torch.outer(mid, mid)
+
+        return fn
+
+    handles = [b.experts.register_forward_pre_hook(hook(l), with_kwargs=True) for l, b in enumerate(blocks)]
+    for i in range(0, len(calib), 4):  # other batches than the fixture's: batching changes nothing
+        _logits(qwen, calib[i : i + 4])
+    for h in handles:
+        h.remove()
+    for l in range(len(blocks)):
+        assert torch.equal(stats.counts[l], counts[l])
+        torch.testing.assert_close(stats.gram_in[l].double(), g_in[l], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(stats.gram_mid[l].double(), g_mid[l], rtol=1e-5, atol=1e-5)

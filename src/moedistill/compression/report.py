@@ -26,6 +26,7 @@ from moedistill.compression.init import (
     build_student,
     compression_record,
     expert_ratio,
+    layer_errors,
     teacher_expert_weights,
 )
 from moedistill.compression.modeling_moedistill import PROJECTIONS, find_moe_blocks
@@ -45,23 +46,21 @@ def parameter_counts(model: nn.Module) -> dict:
 
 @torch.no_grad()
 def reconstruction_errors(teacher: nn.Module, student: nn.Module, stats: CalibrationStats | None = None) -> list[dict]:
-    """Per MoE layer: relative weight error of each projection (and on the routed inputs, given Grams)."""
+    """Per MoE layer: relative weight error of each projection (and on the routed inputs, given Grams).
+
+    ``layer_errors`` on the student's factors, a few experts at a time (``compress_layers``
+    computes the same rows while each layer's Grams are in memory)."""
     rows = []
     t_blocks, s_blocks = find_moe_blocks(teacher), find_moe_blocks(student)
     for l, ((name, tb), (_, sb)) in enumerate(zip(t_blocks, s_blocks)):
-        W_all = teacher_expert_weights(tb.experts)
-        row = {"layer": name}
-        for p in PROJECTIONS:
-            W = W_all[p].double()
-            D = W - sb.experts.dense_weight(p).double().to(W.device)
-            row[p] = float(D.norm() / W.norm())
-            if stats is not None and stats.has_gram:
-                G = (stats.gram_mid if p == "down" else stats.gram_in)[l].double().to(W.device)
-                num = torch.einsum("eoi,eij,eoj->", D, G, D)
-                den = torch.einsum("eoi,eij,eoj->", W, G, W)
-                row[f"{p}_on_inputs"] = float((num / den).clamp_min(0).sqrt())
-        row["mean"] = sum(row[p] for p in PROJECTIONS) / len(PROJECTIONS)
-        rows.append(row)
+        ex = sb.experts
+        core = {p: ex.core(p) for p in PROJECTIONS}
+        B = {p: ex.wrapper(p)[0] for p in PROJECTIONS}
+        A = {p: ex.wrapper(p)[1] for p in PROJECTIONS}
+        has = stats is not None and stats.has_gram
+        rows.append({"layer": name, **layer_errors(teacher_expert_weights(tb.experts), core, B, A,
+                                                   stats.gram_in[l] if has else None,
+                                                   stats.gram_mid[l] if has else None)})
     return rows
 
 
@@ -74,6 +73,7 @@ def eval_summary(model, blocks, teacher=None, batch_size: int = 8, desc: str = "
 def build_report(
     teacher, student, eval_blocks, *, factors: dict, stats: CalibrationStats | None, report_ranks: list[int],
     batch_size: int, header: dict, checkpoint_0: dict, eval_info: dict,
+    errors: dict | None = None, svd_check: list | None = None,
 ) -> dict:
     """The report of checkpoint-0 ``student`` and of every variant at ``report_ranks``.
 
@@ -82,7 +82,11 @@ def build_report(
         header: ``teacher``, ``checkpoint``, ``settings`` (copied to the top of the report).
         checkpoint_0: ``rank``, ``core``, ``svd`` of the student.
         eval_info: ``split``, ``sequences``, ``seq_len`` of ``eval_blocks``.
+        errors: ``{(core, svd, rank): rows}`` from ``compress_layers`` (computed while the Grams
+            were in memory); without it, ``reconstruction_errors`` from ``stats``.
+        svd_check: ``compress_layers``' float32-vs-float64 rows, copied into the report.
     """
+    errors = errors or {}
     teacher_eval = eval_summary(teacher, eval_blocks, batch_size=batch_size, desc="teacher")
     c0_eval = eval_summary(student, eval_blocks, teacher=teacher, batch_size=batch_size, desc="checkpoint-0")
     t_counts, s_counts = parameter_counts(teacher), parameter_counts(student)
@@ -96,10 +100,12 @@ def build_report(
         },
         "teacher_eval": teacher_eval,
         "checkpoint_0": {**checkpoint_0, **c0_eval},
-        "reconstruction_error": reconstruction_errors(teacher, student, stats),
+        "reconstruction_error": errors.get((checkpoint_0["core"], checkpoint_0["svd"], checkpoint_0["rank"]))
+        or reconstruction_errors(teacher, student, stats),
+        "svd_vs_fp64": svd_check or [],
         "eval": eval_info,
         "sweep": [
-            _sweep_row(teacher, factors[variant], variant, r, eval_blocks, stats, batch_size)
+            _sweep_row(teacher, factors[variant], variant, r, eval_blocks, stats, batch_size, errors.get((*variant, r)))
             for variant in (VARIANTS if report_ranks else [])
             for r in report_ranks
         ],
@@ -108,14 +114,15 @@ def build_report(
     return report
 
 
-def _sweep_row(teacher, factors, variant: tuple[str, str], rank: int, eval_blocks, stats, batch_size: int) -> dict:
+def _sweep_row(teacher, factors, variant: tuple[str, str], rank: int, eval_blocks, stats, batch_size: int,
+               errs: list[dict] | None = None) -> dict:
     """One variant at one rank: built from the shared factors, evaluated, then dropped."""
     core, svd = variant
     ex = find_moe_blocks(teacher)[0][1].experts
     record = compression_record(teacher, rank, core=core, svd=svd, stats=stats, damping=DEFAULT_DAMPING)
     student = build_student(teacher, factors, rank, record)
     m = eval_summary(student, eval_blocks, teacher=teacher, batch_size=batch_size, desc=f"{core}+{svd} r={rank}")
-    errs = reconstruction_errors(teacher, student, stats)
+    errs = errs or reconstruction_errors(teacher, student, stats)
     on_inputs = [e[k] for e in errs for k in e if k.endswith("_on_inputs")]
     return {
         "rank": rank, "core": core, "svd": svd,
@@ -218,6 +225,15 @@ def markdown(report: dict) -> str:
         lines.append(
             f"| {row['layer']} | {row['gate']:.4f} | {row['up']:.4f} | {row['down']:.4f} | " + " | ".join(on) + " |"
         )
+    if report.get("svd_vs_fp64"):
+        worst = max(report["svd_vs_fp64"], key=lambda r: abs(r["relative_difference"]))
+        lines += [
+            "",
+            "Batched float32 SVD against the float64 `torch.linalg.svd` reference (one expert per layer and "
+            f"projection, {len(report['svd_vs_fp64'])} checked): largest relative difference of the "
+            f"reconstruction error {worst['relative_difference']:+.2e} ({worst['layer']}, {worst['projection']}, "
+            f"expert {worst['expert']}: {worst['error_fp32']:.6f} vs {worst['error_fp64']:.6f}).",
+        ]
     return "\n".join(lines) + "\n"
 
 
