@@ -113,13 +113,13 @@ def test_forward_equals_dense_experts_reference(rank, dtype):
     assert _rel(ex(x, idx, w), ref(x, idx, w)) < tol
 
 
-@pytest.mark.parametrize("rank", [0, 3])
-def test_gradients_equal_a_per_token_dense_reference(rank):
+@pytest.mark.parametrize("rank,E,H,I,n,k", [(0, E, H, I, 11, 2), (3, E, H, I, 11, 2), (5, 64, 64, 32, 80, 4)])
+def test_gradients_equal_a_per_token_dense_reference(rank, E, H, I, n, k):
     """Gradients w.r.t. every factor, the inputs and the routing weights, in float64, against
     W_e = C + B_e A_e applied token by token (an expert left without tokens and the sentinel
-    index included): the grouped forward's sort, segments and scatter-add change nothing."""
+    index included): the grouped forward's sort, segments and scatter-add change nothing.
+    The 64-expert case (hidden 64): many segments, most experts with a few tokens, some empty."""
     torch.manual_seed(1)
-    n, k = 11, 2
     ex = CompressedExperts(E, H, I, rank).double()
     with torch.no_grad():
         for p in ("gate", "up", "down"):
@@ -145,7 +145,9 @@ def test_gradients_equal_a_per_token_dense_reference(rank):
             h = F.silu(dense["gate"][e] @ x[t]) * (dense["up"][e] @ x[t])
             y = y + w[t, j] * (dense["down"][e] @ h)
         rows.append(y)
-    (torch.stack(rows) * probe).sum().backward()
+    out_ref = torch.stack(rows)
+    torch.testing.assert_close(ex(x, idx, w), out_ref, rtol=1e-12, atol=1e-12)
+    (out_ref * probe).sum().backward()
     want = {name: (p.grad if p.grad is not None else torch.zeros_like(p)) for name, p in ex.named_parameters()}
     want |= {"x": x.grad, "w": w.grad}
     assert got.keys() == want.keys()
@@ -153,6 +155,43 @@ def test_gradients_equal_a_per_token_dense_reference(rank):
         torch.testing.assert_close(got[name], want[name], rtol=1e-10, atol=1e-10, msg=name)
     if rank:
         assert bool((got["wrapper_gate_A"][E - 1] == 0).all())  # the expert without tokens: no gradient
+
+
+def test_many_experts_float32_forward_backward_equals_per_expert_reference():
+    """64 experts, hidden 64, float32 (the training dtype): output and gradients of the grouped
+    forward against a plain loop over experts on the dense W_e, within 1e-5 (relative)."""
+    torch.manual_seed(2)
+    E, H, I, r, n, k = 64, 64, 32, 8, 256, 8
+    ex = CompressedExperts(E, H, I, r)
+    with torch.no_grad():
+        for p in ("gate", "up", "down"):
+            ex.wrapper(p)[0].normal_(std=0.1)
+    x = torch.randn(n, H, requires_grad=True)
+    w, idx = torch.softmax(torch.randn(n, E), -1).topk(k, -1)
+    w = (w / w.sum(-1, keepdim=True)).requires_grad_()
+
+    def per_expert(ex, x, w):
+        dense = {p: ex.core(p) + ex.wrapper(p)[0] @ ex.wrapper(p)[1] for p in ("gate", "up", "down")}
+        y = torch.zeros_like(x)
+        for e in range(E):
+            tok, pos = torch.where(idx == e)
+            if len(tok):
+                h = F.silu(x[tok] @ dense["gate"][e].T) * (x[tok] @ dense["up"][e].T)
+                y = y.index_add(0, tok, w[tok, pos, None] * (h @ dense["down"][e].T))
+        return y
+
+    results = []
+    for fn in (lambda: ex(x, idx, w), lambda: per_expert(ex, x, w)):
+        ex.zero_grad(set_to_none=True)
+        x.grad = w.grad = None
+        y = fn()
+        y.square().sum().backward()
+        results.append((y.detach(), {n_: p.grad.clone() for n_, p in ex.named_parameters()} | {"x": x.grad.clone(),
+                                                                                                 "w": w.grad.clone()}))
+    (y, g), (y_ref, g_ref) = results
+    assert _rel(y, y_ref) < 1e-5
+    for name in g_ref:
+        assert _rel(g[name], g_ref[name]) < 1e-5, name
 
 
 def test_compressed_parameter_names_and_default_yaml_regexes(qwen):
@@ -359,6 +398,29 @@ def test_save_load_and_export_roundtrip(qwen, mixtral, stats, calib, tmp_path):
         assert cls_name == {"qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM"}[arch]
         assert _rel(dense_logits, ref) <= 1e-5
         assert torch.equal(remote_logits, ref)
+
+
+def test_export_streams_into_shards_with_an_index(qwen, stats, tmp_path):
+    """Small shards: several files and an index that from_pretrained reads; the logits equal the
+    compressed model's; no shard exceeds the limit except one holding a single layer's experts."""
+    from safetensors import safe_open
+
+    student = mc.compress_model(qwen, rank=3, core="frequency", svd="activation", calibration=stats)
+    student.save_pretrained(tmp_path / "ckpt")
+    limit = 40_000
+    export_checkpoint(tmp_path / "ckpt", tmp_path / "out", max_shard_bytes=limit)
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and all((tmp_path / "out" / f).is_file() for f in shards)
+    for f in shards:
+        with safe_open(tmp_path / "out" / f, "pt") as sf:
+            names = list(sf.keys())
+            size = sum(torch.Size(sf.get_slice(n).get_shape()).numel() for n in names) * 4  # float32
+        assert size <= limit or all(".experts." in n for n in names), (f, names)
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert type(dense).__name__ == "Qwen3MoeForCausalLM"
+    assert set(index["weight_map"]) == set(dense.state_dict()) - {"lm_head.weight"}  # tied: saved once
+    torch.testing.assert_close(_logits(dense).logits, _logits(student).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_export_rejects_a_plain_checkpoint(qwen, tmp_path):
