@@ -93,3 +93,12 @@ def test_every_sweep_point_gets_its_own_directory():
     points = expand_sweep(["compress.report_ranks=[1,2],[3]", "loss.alpha=0.5"])
     names = [sweep_dir_name(p) for p in points]
     assert len(set(names)) == len(points) == 2 and "compress.report_ranks=[1,2],loss.alpha=0.5" in names
+    from moedistill.cli import swept_keys
+
+    swept = swept_keys(points)
+    assert swept == {"compress.report_ranks"}
+    names = sorted(sweep_dir_name(p, swept) for p in points)
+    assert names == ["compress.report_ranks=[1,2]", "compress.report_ranks=[3]"]
+    long = [f"output_dir=/{'x' * 300}", "loss.alpha=0.5"]
+    assert len(sweep_dir_name(long).encode()) <= 200
+    assert sweep_dir_name(long) != sweep_dir_name([*long[:1], "loss.alpha=0.9"])

@@ -18,6 +18,7 @@ from test_losses import make_batch, sample_targets
 from moedistill.errors import UserError
 from moedistill.losses import (
     DEFAULT_BETA,
+    DIVERGENCES,
     dense_distillation_loss,
     distillation_loss,
     fused_linear_dense_distillation_loss,
@@ -401,3 +402,59 @@ def test_beta_defaults_and_user_errors():
             distillation_loss(logits, labels, ids, lps, divergence=div, beta=beta, **kw)
     with pytest.raises(UserError, match="no meaning"):
         distillation_loss(logits, labels, ids, lps, divergence="tvd", beta=0.5, **kw)
+
+
+# --------------------------------------------------------------------------- config and trainer
+
+
+def test_config_knows_the_same_divergences():
+    import moedistill.config as config
+
+    assert config.DIVERGENCES == DIVERGENCES and set(config.BETA_DIVERGENCES) == set(DEFAULT_BETA)
+    cfg = config.load_config("tiny", ["loss.divergence=skew_kl", "loss.beta=0.25"])
+    assert (cfg.loss.divergence, cfg.loss.beta) == ("skew_kl", 0.25)
+    assert config.load_config("tiny").loss.divergence == "forward_kl"
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["loss.divergence=kl"], "loss.divergence='kl' must be one of forward_kl"),
+    (["loss.divergence=reverse_kl"], "infinite with loss.tail=renormalize"),
+    (["loss.divergence=reverse_kl", "loss.tail=tail", "stages=[{name: a, max_steps: 2, tail: renormalize}]"],
+     "infinite with stages[0].tail=renormalize"),
+    (["loss.divergence=tvd", "loss.beta=0.5"], "applies only to jsd and skew_kl"),
+    (["loss.beta=0.5"], "applies only to jsd and skew_kl, not loss.divergence=forward_kl"),
+    (["loss.divergence=jsd", "loss.beta=1"], "must be in (0, 1) for loss.divergence=jsd"),
+    (["loss.divergence=skew_kl", "loss.beta=0"], "must be in (0, 1) for loss.divergence=skew_kl"),
+])
+def test_config_refuses_with_one_line(overrides, needle):
+    from moedistill.config import load_config
+
+    with pytest.raises(UserError) as e:
+        load_config("tiny", overrides)
+    assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_trainer_trains_the_divergence_and_evaluates_kl(tmp_path):
+    from test_trainer import make_items, targs, tiny_moe
+
+    from moedistill.config import LossConfig
+    from moedistill.losses import teacher_loss
+    from moedistill.targets import from_batch
+    from moedistill.trainer import DistillationTrainer, collate
+
+    data = make_items(tiny_moe(0), n=4)
+    batch = collate([data[i] for i in range(4)])
+    student = tiny_moe(1)
+    metrics = {}
+    for div in ("forward_kl", "jsd"):
+        loss = LossConfig(alpha=0.6, temperature=2.0, tail="tail", divergence=div, chunk_size=5)
+        trainer = DistillationTrainer(student, targs(tmp_path), train_dataset=data, eval_dataset=data, loss=loss)
+        with torch.no_grad():
+            total = trainer.compute_loss(student, batch)
+            expected = teacher_loss(student(input_ids=batch["input_ids"]).logits, batch["labels"], from_batch(batch),
+                                    alpha=0.6, temperature=2.0, tail="tail", divergence=div)
+        assert float(total) == pytest.approx(float(expected.total), rel=1e-6)
+        metrics[div] = trainer.evaluate()
+    assert metrics["jsd"]["eval_loss"] != pytest.approx(metrics["forward_kl"]["eval_loss"], rel=1e-3)
+    for key in ("eval_ce", "eval_kl_lower_bound"):  # the metric is KL at T = 1 whatever is trained
+        assert metrics["jsd"][key] == pytest.approx(metrics["forward_kl"][key], rel=1e-6)

@@ -691,3 +691,28 @@ def test_accelerate_configs_load_and_name_their_backend():
     args, _, _ = _validate_launch_command(
         launch_command_parser().parse_args(["--config_file", str(conf / "fsdp.yaml"), "x.py"]))
     assert str(args.fsdp_version) == "2" and args.fsdp_state_dict_type == "FULL_STATE_DICT"
+
+
+def test_a_sweep_compresses_and_caches_once_and_trains_each_point(world, tmp_path):
+    """`train -m loss.alpha=0.5,0.9` with no checkpoint-0 and no caches: the teacher is compressed
+    once and each cache (training, eval) written once, in the base output_dir; each point trains
+    in its own directory from those. Counted from what the processes print."""
+    out = tmp_path / "out"
+    ov = [o for o in overrides(world, out, "stages.0.max_steps=1", "stages.1.max_steps=1",
+                               "compress.rank=1", "training.save_steps=5")
+          if not o.startswith("student.name=")]
+    r = subprocess.run([sys.executable, "-m", "moedistill.cli", "train", "-m", *ov, "loss.alpha=0.5,0.9"],
+                       env=env(), capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stderr[-6000:]
+    text = r.stdout + r.stderr
+    assert text.count("[compress] wrote ") == 1, text[-4000:]  # the second point loads that checkpoint-0
+    written = re.findall(r"^teacher cache (\S+): \d+ sequences", r.stderr, re.M)
+    reused = re.findall(r"^teacher cache (\S+) is complete", r.stderr, re.M)
+    assert sorted(written) == sorted(reused) == [str(out / "cache" / "topk"), str(out / "cache" / "topk-validation")]
+    for alpha in ("0.5", "0.9"):
+        point = out / "sweep" / next(p.name for p in (out / "sweep").iterdir() if f"loss.alpha={alpha}" in p.name)
+        metrics = json.loads((point / RUN / "metrics.json").read_text())
+        assert metrics["cache"] == str(out / "cache" / "topk") and metrics["final_eval"]
+        assert metrics["student"] == str(out / "compressed" / "checkpoint-0")
+        assert not (point / "cache").exists() and not (point / "compressed").exists()
+        assert json.loads((point / RUN / "stages.json").read_text())["stages"][1]["alpha"] == float(alpha)

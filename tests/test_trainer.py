@@ -238,6 +238,15 @@ class KillAfterSave(TrainerCallback):
             raise Kill()
 
 
+class KillAtLog(TrainerCallback):
+    def __init__(self, stage_dir: str, step: int):
+        self.stage_dir, self.step = stage_dir, step
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if args.output_dir.endswith(self.stage_dir) and state.global_step == self.step and "loss" in (logs or {}):
+            raise Kill()
+
+
 class StageTap(TrainerCallback):
     """Snapshots the optimizer's groups at each stage's start and the weights at its end."""
 
@@ -601,3 +610,35 @@ def test_fused_linear_under_ddp_with_an_untied_head(tmp_path):
     for a, b in zip(logs[1], logs[0]):
         for k in ("loss", "ce_loss", "kl_loss", "grad_norm"):
             assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
+
+
+def test_tensorboard_holds_one_run_with_global_steps_across_stages(tmp_path, data):
+    """report_to tensorboard: the two stages' events are one run (one directory) whose steps
+    increase monotonically across the boundary, with the stage as a scalar; a resume from a
+    mid-stage checkpoint drops the events logged after it, so no step shows twice."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def scalars(run):
+        dirs = {p.parent for p in (run / "tensorboard").rglob("events.out.tfevents.*")}
+        assert dirs == {run / "tensorboard"}  # one run, not one per stage
+        acc = EventAccumulator(str(run / "tensorboard"))
+        acc.Reload()
+        return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in ("train/loss", "train/stage")}
+
+    _run(data, tmp_path / "run", tmp_path, report_to=["tensorboard"])
+    got = scalars(tmp_path / "run")
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    want = [(e["step"], e["loss"]) for e in log if "loss" in e]
+    assert [s for s, _ in got["train/loss"]] == list(range(1, 9))  # global steps, across the boundary
+    assert [v for _, v in got["train/loss"]] == pytest.approx([v for _, v in want], rel=1e-6)
+    # (the stage's closing summary logs its stage too, at its last step)
+    assert dict(got["train/stage"]) == {s: 0.0 if s <= 4 else 1.0 for s in range(1, 9)}
+    assert [s for s, _ in got["train/stage"]] == sorted(s for s, _ in got["train/stage"])
+    # killed after logging global step 7, past the stage-2 checkpoint at global step 6; resumed from it:
+    # step 7 (logged by both runs) and 8 once each
+    with pytest.raises(Kill):
+        _run(data, tmp_path / "b", tmp_path, callbacks=[KillAtLog("02-full", 3)], report_to=["tensorboard"])
+    _run(data, tmp_path / "b", tmp_path, resume="latest", report_to=["tensorboard"])
+    again = scalars(tmp_path / "b")
+    assert [s for s, _ in again["train/loss"]] == list(range(1, 9))
+    assert [v for _, v in again["train/loss"]] == pytest.approx([v for _, v in got["train/loss"]], rel=1e-6)

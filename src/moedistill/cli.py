@@ -3,7 +3,9 @@
 Every command takes Hydra-style overrides (``loss.alpha=0.7``) on top of a config from
 ``conf/distillation`` (``--config-name``, default ``tiny``: the embedded default).
 ``-m/--multirun`` sweeps comma-separated values (``loss.alpha=0.3,0.7``), one run per
-combination, each in ``<output_dir>/sweep/<key=value,...>``.
+combination, each in ``<output_dir>/sweep/<key=value,...>`` (the swept keys); checkpoint-0 and the teacher
+caches stay in ``<output_dir>`` and are shared by every point when the sweep varies none of
+their settings (``SHARED_ARTIFACTS``).
 
 Errors a user can cause print one line (``error: ...``) and exit with code 2; so does a
 full disk (``ENOSPC``), after which the same command resumes.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import hashlib
 import itertools
 import shlex
 import signal
@@ -101,10 +104,42 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
     return [list(c) for c in itertools.product(*choices)] if choices else [[]]
 
 
-def sweep_dir_name(overrides: list[str]) -> str:
-    """The directory of one sweep point: all of its overrides, so that no two points share one
-    (list values such as ``compress.report_ranks=[1,2]`` included)."""
-    return (",".join(o.lstrip("+~") for o in overrides) or "base").replace("/", "_")
+# what each shared artefact of a sweep depends on (config key prefixes): a sweep that varies
+# none of them reuses the base output_dir's artefact at every point
+SHARED_ARTIFACTS = {
+    "compress.dir": ("teacher.", "compress.", "data.", "seed", "cache.batch_size", "eval.batch_size"),
+    "cache.root": ("teacher.", "cache.", "data.", "seed"),
+}
+
+
+def swept_keys(runs: list[list[str]]) -> set[str]:
+    """The keys whose value is not the same at every point of a sweep."""
+    points = [{ov.partition("=")[0].lstrip("+~"): ov.partition("=")[2] for ov in overrides} for overrides in runs]
+    keys = set().union(*points) if points else set()
+    return {k for k in keys if len({p.get(k) for p in points}) > 1 or any(k not in p for p in points)}
+
+
+def share_artifacts(cfg, base: str, swept: set[str]) -> None:
+    """Point a sweep point's checkpoint-0 (``compress.dir``) and default caches (``cache.root``)
+    at the base output_dir's when the sweep varies nothing they depend on, so that a sweep over
+    e.g. ``loss.alpha`` compresses the teacher and runs it over the data once, not per point.
+    A setting the user gave explicitly is kept."""
+    for key, inputs in SHARED_ARTIFACTS.items():
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) is None and not any(k.startswith(inputs) for k in swept):
+            setattr(getattr(cfg, section), name, str(Path(base) / ("compressed" if section == "compress" else "cache")))
+
+
+def sweep_dir_name(overrides: list[str], swept: set[str] | None = None) -> str:
+    """The directory of one sweep point: its overrides of the ``swept`` keys (all of them if
+    None), so that no two points share one (list values such as ``compress.report_ranks=[1,2]``
+    included). A name too long for a file system keeps its start and ends in a hash of the whole."""
+    keep = [o.lstrip("+~") for o in overrides if swept is None or o.partition("=")[0].lstrip("+~") in swept]
+    name = (",".join(keep) or "base").replace("/", "_")
+    if len(name.encode()) > 200:
+        digest = hashlib.sha256(name.encode()).hexdigest()[:12]
+        name = name.encode()[:180].decode(errors="ignore") + "-" + digest
+    return name
 
 
 # the commands that split their work over the processes of torchrun / accelerate launch
@@ -198,10 +233,12 @@ def _main(argv: list[str] | None) -> int:
             flag = "cache.overwrite=true" if args.command == "cache" else "overwrite=true"
             args.overrides = [*args.overrides, flag]
         runs = expand_sweep(args.overrides) if args.multirun else [args.overrides]
+        swept = swept_keys(runs)
         for overrides in runs:
             cfg = load_config(args.config_name, overrides)
             if args.multirun:
-                cfg.output_dir = f"{cfg.output_dir}/sweep/{sweep_dir_name(overrides)}"
+                share_artifacts(cfg, cfg.output_dir, swept)
+                cfg.output_dir = f"{cfg.output_dir}/sweep/{sweep_dir_name(overrides, swept)}"
                 print(f"[multirun] {' '.join(overrides)} -> {cfg.output_dir}", file=sys.stderr)
             current = (overrides, cfg)
             _dispatch(args, cfg)

@@ -58,7 +58,8 @@ class DataConfig:
 
 @dataclass
 class CacheConfig:
-    dir: str | None = None  # None: <output_dir>/cache/<mode>
+    dir: str | None = None  # None: <root>/<mode>
+    root: str | None = None  # where the default caches live; None: <output_dir>/cache (a -m sweep: its base)
     mode: str = "topk"  # topk | sample
     top_k: int = 64
     num_samples: int = 64  # draws per position in sample mode
@@ -71,6 +72,8 @@ class LossConfig:
     alpha: float = 0.5  # weight of the KL term; 0 = plain CE
     temperature: float = 2.0
     tail: str = "renormalize"  # renormalize | tail | sample
+    divergence: str = "forward_kl"  # forward_kl | reverse_kl | jsd | skew_kl | tvd (moedistill.losses)
+    beta: float | None = None  # jsd's mixture weight / skew_kl's skew, in (0, 1); None: 0.5 / 0.1
     chunk_size: int = 1024  # positions per chunk when upcasting student logits
     fused_linear: bool = False  # the lm_head inside the loss: the [B, T, V] logits never exist
 
@@ -108,6 +111,7 @@ class CompressConfig:
     svd: str = "plain"  # plain | activation
     calibration_sequences: int = 32
     report_ranks: list[int] = field(default_factory=list)  # extra ranks for the perplexity-vs-ratio report
+    dir: str | None = None  # checkpoint-0 and the report; None: <output_dir>/compressed (a -m sweep: its base)
 
 
 @dataclass
@@ -261,6 +265,24 @@ def _check_tail(tail, key):
     _check(tail in ("renormalize", "tail", "sample"), f"{key}={tail!r} must be renormalize, tail or sample")
 
 
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd")  # = moedistill.losses.DIVERGENCES
+BETA_DIVERGENCES = ("jsd", "skew_kl")  # the ones that take loss.beta (losses.DEFAULT_BETA)
+
+
+def _check_divergence(divergence, beta, tail, key):
+    _check(divergence in DIVERGENCES, f"loss.divergence={divergence!r} must be one of {', '.join(DIVERGENCES)}")
+    _check(not (divergence == "reverse_kl" and tail == "renormalize"),
+           f"loss.divergence=reverse_kl is infinite with {key}=renormalize (that teacher is 0 outside the stored "
+           f"ids); set {key}=tail, or {key}=sample with cache.mode=sample")
+    if divergence not in BETA_DIVERGENCES:
+        _check(beta is None, f"loss.beta={_yaml(beta)} applies only to jsd and skew_kl, not "
+                             f"loss.divergence={divergence}; set loss.beta=null")
+    else:
+        _check(beta is None or (_is_number(beta) and 0 < beta < 1),
+               f"loss.beta={_yaml(beta)} must be in (0, 1) for loss.divergence={divergence}, e.g. loss.beta="
+               f"{0.5 if divergence == 'jsd' else 0.1} (null: that default)")
+
+
 def _check_rules(pg: ParamGroupsConfig, key: str):
     _check(0 <= pg.default_lr_multiplier < math.inf,
            f"{key}.default_lr_multiplier={pg.default_lr_multiplier} must be >= 0 and finite")
@@ -284,6 +306,7 @@ def validate(cfg: Config) -> Config:
     _check_alpha(cfg.loss.alpha, "loss.alpha")
     _check_temperature(cfg.loss.temperature, "loss.temperature")
     _check_tail(cfg.loss.tail, "loss.tail")
+    _check_divergence(cfg.loss.divergence, cfg.loss.beta, cfg.loss.tail, "loss.tail")
     _check(cfg.loss.chunk_size >= 1, f"loss.chunk_size={cfg.loss.chunk_size} must be >= 1")
     _check(cfg.cache.mode in ("topk", "sample"), f"cache.mode={cfg.cache.mode!r} must be topk or sample")
     _check(cfg.cache.top_k >= 1, f"cache.top_k={cfg.cache.top_k} must be >= 1, e.g. cache.top_k=64 (default.yaml)")
@@ -313,6 +336,7 @@ def validate(cfg: Config) -> Config:
             _check_temperature(st.temperature, f"{key}.temperature")
         if st.tail is not None:
             _check_tail(st.tail, f"{key}.tail")
+            _check_divergence(cfg.loss.divergence, cfg.loss.beta, st.tail, f"{key}.tail")
         if st.param_groups is not None:
             _check_rules(st.param_groups, f"{key}.param_groups")
     c = cfg.compress

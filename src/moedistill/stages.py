@@ -18,6 +18,8 @@ Files in the run directory::
                                     stage.json (stage, global step); the last one of a
                                     stage is written at the stage's end
     final/                          the student after the last stage (save_pretrained)
+    tensorboard/                    with report_to tensorboard: one run for all stages, global
+                                    steps on the x-axis, ``train/stage`` the stage index
 
 Resume from any checkpoint (``resume=<dir>`` or ``"latest"``): the stages before its
 stage are skipped, its stage continues from that step, the later stages follow. Only
@@ -30,10 +32,12 @@ temporary directory and renamed into place.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
 import math
+import os
 import re
 import shutil
 from dataclasses import dataclass
@@ -217,7 +221,8 @@ def find_checkpoint(run_dir: Path, resume: str, stages: list[Stage]) -> tuple[St
 
 
 # what a resumed run must share with the run it continues, per stage
-PLAN_KEYS = ("name", "start_step", "end_step", "max_steps", "learning_rate", "alpha", "temperature", "tail")
+PLAN_KEYS = ("name", "start_step", "end_step", "max_steps", "learning_rate", "alpha", "temperature", "tail",
+             "divergence", "beta")
 
 
 def check_same_plan(run_dir: Path, stages: list[Stage]) -> None:
@@ -227,13 +232,16 @@ def check_same_plan(run_dir: Path, stages: list[Stage]) -> None:
     plan = _read_json(Path(run_dir) / STAGES_FILE)
     if not plan or "stages" not in plan:
         return  # written by rank 0 before any checkpoint; absent only for hand-made run dirs
-    was = [{k: s.get(k) for k in PLAN_KEYS} for s in plan["stages"]]
-    now = [{k: d.get(k) for k in PLAN_KEYS} for d in (s.to_dict() for s in stages)]
+    # a key the plan lacks was added after that run started (e.g. divergence): its default then
+    known = set(PLAN_KEYS).intersection(*plan["stages"]) if plan["stages"] else set(PLAN_KEYS)
+    keys = [k for k in PLAN_KEYS if k in known or k in ("name", "start_step", "end_step")]
+    was = [{k: s.get(k) for k in keys} for s in plan["stages"]]
+    now = [{k: d.get(k) for k in keys} for d in (s.to_dict() for s in stages)]
     if was == now:
         return
     diff = next(
         (f"stage {i + 1}: {k} was {a.get(k)!r}, now {b.get(k)!r}" for i, (a, b) in enumerate(zip(was, now))
-         for k in PLAN_KEYS if a.get(k) != b.get(k)),
+         for k in keys if a.get(k) != b.get(k)),
         f"{len(was)} stages before, {len(now)} now",
     )
     raise UserError(f"--resume would continue {run_dir} with another schedule ({diff}); resume with the settings "
@@ -401,7 +409,8 @@ def run_stages(
             (after every check has passed); without it, such a run dir is a UserError.
         callbacks: extra ``TrainerCallback``s for every stage's trainer.
     Returns:
-        ``{"run_dir", "final_model" (None if stopped early), "stages", "train_metrics",
+        ``{"run_dir", "final_model" (None if stopped early), "stages", "train_metrics", "engine"
+        (``DistillationTrainer.engine()``: which engine, world size, mixed precision, dtype),
         "initial_eval" (fresh runs with an eval set), "final_eval" (with an eval set),
         "stopped_at" (global step, only if a callback stopped a stage early)}``.
     """
@@ -436,6 +445,7 @@ def run_stages(
             model, stages[-1], args, run_dir, teacher=teacher, train_dataset=train_dataset,
             eval_dataset=eval_dataset, callbacks=callbacks, processing_class=processing_class, eval_on_start=False,
         )
+        result["engine"] = trainer.engine()
     # SIGTERM / SIGINT: StopOnSignal ends the stage in progress at a checkpoint, then Interrupted
     with signals.deferred():
         for st in stages[first:]:
@@ -445,11 +455,14 @@ def run_stages(
                 callbacks=callbacks, processing_class=processing_class,
                 eval_on_start=(eval_dataset is not None and resume is None and st.index == 0)
                 or (args.eval_on_start and st.index == first),
+                purge_step=(stage.start_step + stage_step + 1) if (resume and st.index == first) else None,
             )
+            result["engine"] = trainer.engine()
             logger.info(
-                "stage %d/%d %r: global steps %d-%d, lr %.3g, alpha %g, temperature %g, tail %s",
+                "stage %d/%d %r: global steps %d-%d, lr %.3g, alpha %g, temperature %g, tail %s; engine %s x%d, "
+                "mixed precision %s, %s weights",
                 st.index + 1, len(stages), st.name, st.start_step + 1, st.end_step, st.learning_rate,
-                st.loss.alpha, st.loss.temperature, st.loss.tail,
+                st.loss.alpha, st.loss.temperature, st.loss.tail, *result["engine"].values(),
             )
             out = trainer.train(resume_from_checkpoint=str(ckpt) if (ckpt is not None and st.index == first) else None)
             stop = signals.agreed(trainer.args.device)  # every process, also when the signal came after the last step
@@ -483,7 +496,52 @@ def _prepare_run_dir(run_dir: Path, stages: list[Stage], done: set[int], resume_
     write_plan(run_dir, stages, done)
 
 
-def _stage_trainer(model, st: Stage, args, run_dir: Path, *, eval_on_start: bool, callbacks, **kwargs):
+TENSORBOARD_DIR = "tensorboard"
+
+
+class _GlobalSteps:
+    """A reporting callback (TensorBoard, W&B, ... from ``transformers.integrations``) seen
+    through global steps: every event gets a copy of the trainer's state whose
+    ``global_step`` is the run's (stage start + the stage's step), so the stages of a run
+    form one curve on one x-axis instead of each restarting at step 1."""
+
+    def __init__(self, callback, offset: int):
+        self.callback, self.offset = callback, offset
+
+    def __getattr__(self, name):
+        attr = getattr(self.callback, name)
+        if not name.startswith("on_") or not callable(attr):
+            return attr
+
+        def event(args, state, control, **kwargs):
+            seen = copy.copy(state)
+            seen.global_step = state.global_step + self.offset
+            return attr(args, seen, control, **kwargs)
+
+        return event
+
+
+def _report_globally(trainer, st: Stage, run_dir: Path, purge_step: int | None) -> None:
+    """One continuous run per training run in the experiment trackers of ``report_to``:
+    global steps on the x-axis (the logs carry ``stage`` as a scalar) and, for TensorBoard,
+    one log directory for all stages, ``<run_dir>/tensorboard`` (or TENSORBOARD_LOGGING_DIR).
+    A resumed run drops the events past its checkpoint (``purge_step``) so no step shows twice."""
+    from transformers.integrations import TensorBoardCallback
+
+    handler = trainer.callback_handler
+    for i, cb in enumerate(handler.callbacks):
+        if not type(cb).__module__.startswith("transformers.integrations"):
+            continue
+        if isinstance(cb, TensorBoardCallback) and not os.environ.get("TENSORBOARD_LOGGING_DIR"):
+            cb.logging_dir = str(run_dir / TENSORBOARD_DIR)
+        if isinstance(cb, TensorBoardCallback) and purge_step is not None and trainer.is_world_process_zero():
+            cb.tb_writer = cb._SummaryWriter(log_dir=cb.logging_dir or str(run_dir / TENSORBOARD_DIR),
+                                             purge_step=purge_step)
+        handler.callbacks[i] = _GlobalSteps(cb, st.start_step)
+
+
+def _stage_trainer(model, st: Stage, args, run_dir: Path, *, eval_on_start: bool, callbacks, purge_step=None,
+                   **kwargs):
     """The trainer of stage ``st``: its own output dir, length, learning rate and shuffling seed.
 
     ``eval_on_start``: a fresh run evaluates at step 0, the curves' starting point (inside
@@ -496,7 +554,7 @@ def _stage_trainer(model, st: Stage, args, run_dir: Path, *, eval_on_start: bool
         data_seed=(args.data_seed if args.data_seed is not None else args.seed) + st.index,
         eval_on_start=eval_on_start,
     )
-    return DistillationTrainer(
+    trainer = DistillationTrainer(
         model,
         stage_args,
         loss=st.loss,
@@ -508,6 +566,8 @@ def _stage_trainer(model, st: Stage, args, run_dir: Path, *, eval_on_start: bool
         callbacks=[StageCallback(st, run_dir), StopOnSignal(), *callbacks],
         **kwargs,
     )
+    _report_globally(trainer, st, run_dir, purge_step)
+    return trainer
 
 
 def _first_eval(log_history: list[dict]) -> dict:

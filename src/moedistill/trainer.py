@@ -197,7 +197,8 @@ class DistillationTrainer(Trainer):
         args: ``TrainingArguments``; ``remove_unused_columns`` is set False.
         teacher: None for offline mode (targets come from the dataset), or a causal LM
             with the student's vocabulary for online mode.
-        loss: alpha, temperature, tail and chunk_size of the loss (``LossConfig``).
+        loss: alpha, temperature, tail, divergence, beta and chunk_size of the loss (``LossConfig``);
+            evaluation reports KL whatever the divergence (``eval_loss`` is the training objective).
         param_groups: regex learning-rate rules; None trains every parameter at the base lr.
         param_groups_key: the config key named in error messages about the rules.
         stage_index, stage_name, step_offset: set when this trainer runs one stage of a
@@ -256,6 +257,20 @@ class DistillationTrainer(Trainer):
                     self.param_plan, learning_rate=args.learning_rate, weight_decay=args.weight_decay, title=title
                 )
             )
+
+    def engine(self) -> dict:
+        """What trains: ``{"engine": "single" | "ddp" | "fsdp" | "deepspeed-zero<N>", "world_size",
+        "mixed_precision": "no" | "bf16" | "fp16", "dtype"}`` (the student's parameter dtype)."""
+        if self.is_deepspeed_enabled:
+            engine = f"deepspeed-zero{self.accelerator.state.deepspeed_plugin.zero_stage}"
+        elif self.is_fsdp_enabled:
+            engine = f"fsdp{getattr(self.accelerator.state.fsdp_plugin, 'fsdp_version', '')}"
+        else:
+            engine = "ddp" if self.args.world_size > 1 else "single"
+        precision = "bf16" if self.args.bf16 else ("fp16" if self.args.fp16 else "no")
+        dtype = next(iter(self.accelerator.unwrap_model(self.model).parameters())).dtype
+        return {"engine": engine, "world_size": self.args.world_size, "mixed_precision": precision,
+                "dtype": str(dtype).removeprefix("torch.")}
 
     def _zero3_frozen_inputs(self, model) -> None:
         """Under DeepSpeed ZeRO-3 with frozen parameters (e.g. a wrappers-only stage), make the
@@ -324,12 +339,13 @@ class DistillationTrainer(Trainer):
             raise RuntimeError("loss.fused_linear: the student's forward never called its output layer")
         return box["hidden"], getattr(outputs, "aux_loss", None), box["parts"]
 
-    def _distill(self, logits, inputs, targets, *, alpha, temperature, tail, num_items_in_batch):
+    def _distill(self, logits, inputs, targets, *, alpha, temperature, tail, num_items_in_batch,
+                 divergence="forward_kl", beta=None):
         """The blended loss of one micro-batch -> (total, ce, kl) from ``moedistill.losses``;
         with ``loss.fused_linear``, ``logits`` are the final hidden states and the lm_head's
         weight (and bias) go into the loss (see ``_student_loss``)."""
-        kw = dict(alpha=alpha, temperature=temperature, tail=tail, num_items_in_batch=num_items_in_batch,
-                  chunk_size=self.loss_config.chunk_size)
+        kw = dict(alpha=alpha, temperature=temperature, tail=tail, divergence=divergence, beta=beta,
+                  num_items_in_batch=num_items_in_batch, chunk_size=self.loss_config.chunk_size)
         if self._lm_head is not None:
             head = self._lm_head
             return fused_linear_teacher_loss(logits, head.weight, inputs["labels"], targets, lm_head_bias=head.bias,
@@ -356,7 +372,8 @@ class DistillationTrainer(Trainer):
             )
         targets = self._targets(inputs)  # first: the teacher's activations are gone before the student's are kept
         logits, aux, parts = self._student_loss(model, inputs, targets, alpha=cfg.alpha, temperature=cfg.temperature,
-                                                tail=cfg.tail, num_items_in_batch=num_items_in_batch)
+                                                tail=cfg.tail, divergence=cfg.divergence, beta=cfg.beta,
+                                                num_items_in_batch=num_items_in_batch)
         loss = parts.total
         aux_term = None
         if aux is not None:
@@ -606,9 +623,10 @@ class DistillationTrainer(Trainer):
                 tail = cfg.tail if (cfg.tail == "sample") == sampled else ("sample" if sampled else "tail")
                 kl_tail = "sample" if sampled else "tail"
                 logits, _, parts = self._student_loss(model, inputs, targets, alpha=cfg.alpha,
-                                                      temperature=cfg.temperature, tail=tail, num_items_in_batch=None)
+                                                      temperature=cfg.temperature, tail=tail, divergence=cfg.divergence,
+                                                      beta=cfg.beta, num_items_in_batch=None)
                 kl1 = parts.kl
-                if cfg.temperature != 1.0 or tail != kl_tail:
+                if cfg.temperature != 1.0 or tail != kl_tail or cfg.divergence != "forward_kl":  # the metric is KL
                     kl1 = self._distill(logits, inputs, targets, alpha=1.0, temperature=1.0, tail=kl_tail,
                                         num_items_in_batch=None).kl
                 sums += torch.stack([parts.total * n, parts.ce * n, kl1 * n, n.to(parts.total.dtype)]).double()

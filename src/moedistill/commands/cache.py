@@ -27,9 +27,10 @@ _IDENTITY_ARGS = ("mode", "top_k", "num_samples", "batch_size", "teacher_name", 
 
 
 def cache_dir(cfg: Config, split: str | None = None) -> Path:
-    """Where the cache of ``split`` lives: ``cache.dir`` or ``<output_dir>/cache/<mode>``,
-    with ``-<split>`` appended for a split other than ``data.split``."""
-    base = Path(cfg.cache.dir) if cfg.cache.dir else Path(cfg.output_dir) / "cache" / cfg.cache.mode
+    """Where the cache of ``split`` lives: ``cache.dir`` or ``<cache.root>/<mode>`` (root
+    default ``<output_dir>/cache``), with ``-<split>`` appended for a split other than ``data.split``."""
+    root = Path(cfg.cache.root) if cfg.cache.root else Path(cfg.output_dir) / "cache"
+    base = Path(cfg.cache.dir) if cfg.cache.dir else root / cfg.cache.mode
     if split is None or split == cfg.data.split:
         return base
     return base.with_name(f"{base.name}-{split}")

@@ -38,7 +38,8 @@ SETTINGS_VERSION = 1  # bump when the initialisation changes so old checkpoint-0
 
 
 def checkpoint_dir(cfg) -> Path:
-    return Path(cfg.output_dir) / "compressed" / "checkpoint-0"
+    """``<compress.dir>/checkpoint-0``; ``compress.dir`` defaults to ``<output_dir>/compressed``."""
+    return Path(cfg.compress.dir or Path(cfg.output_dir) / "compressed") / "checkpoint-0"
 
 
 def _teacher_identity(cfg) -> dict:

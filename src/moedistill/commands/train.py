@@ -156,7 +156,8 @@ def train_from_config(
             ``cfg.loss`` and every stage (e.g. ``{"alpha": 0.0}`` for a CE-only baseline).
     Returns:
         ``{"run_dir", "final_dir", "student", "cache", "stages", "initial_eval",
-        "final_eval", "train_metrics", "log_history"}``; the same (minus the history) is
+        "final_eval", "train_metrics", "engine", "log_history"}`` (``engine``: which engine
+        trained, the world size, the mixed precision and the student's dtype); the same (minus the history) is
         written to ``<run_dir>/metrics.json``.
     """
     common.setup_logging()
@@ -210,6 +211,7 @@ def _train(cfg: Config, resume, args, run_dir: Path, *, student, cache_dir, loss
         "initial_eval": initial,
         "final_eval": out.get("final_eval"),
         "train_metrics": out["train_metrics"],
+        "engine": out.get("engine"),
     }
     if "stopped_at" in out:
         result["stopped_at"] = out["stopped_at"]
