@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -716,3 +717,72 @@ def test_a_sweep_compresses_and_caches_once_and_trains_each_point(world, tmp_pat
         assert metrics["student"] == str(out / "compressed" / "checkpoint-0")
         assert not (point / "cache").exists() and not (point / "compressed").exists()
         assert json.loads((point / RUN / "stages.json").read_text())["stages"][1]["alpha"] == float(alpha)
+
+
+HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed: pip install -e .[deepspeed] (.ci/run does)")
+def test_deepspeed_zero3_two_processes_train_like_one_resume_and_export(world, tmp_path):
+    """`accelerate launch --config_file conf/accelerate/deepspeed_zero3.yaml` with 2 CPU processes
+    (DS_ACCELERATOR=cpu, gloo), fp32 (DeepSpeed's CPU path has no autocast): the wrappers-only stage
+    (everything in front of the experts frozen) and the full stage train like the 1-process
+    reference with the same global batches; metrics.json names the engine; a crash after a
+    mid-stage checkpoint resumed under the same launch ends with the same weights; the exported
+    final/ loads in plain transformers."""
+    from transformers import AutoModelForCausalLM
+
+    from moedistill.models import get_model
+
+    accelerate = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
+    conf = SRC / "moedistill" / "conf" / "accelerate" / "deepspeed_zero3.yaml"
+
+    def launch(out, *extra):
+        cmd = [accelerate, "launch", "--config_file", str(conf), "--num_processes", "2", "--mixed_precision", "no",
+               "--main_process_port", str(_free_port()), "-m", "moedistill.cli", "train", *extra,
+               *overrides(world, out, *TWO_PROCESSES)]
+        r = subprocess.run(cmd, env=env(DS_ACCELERATOR="cpu"), capture_output=True, text=True, timeout=400)
+        assert r.returncode == 0, r.stderr[-12000:]
+
+    out = with_caches(world, tmp_path / "out")
+    launch(out)
+    metrics = json.loads((out / RUN / "metrics.json").read_text())
+    assert metrics["engine"] == {"engine": "deepspeed-zero3", "world_size": 2, "mixed_precision": "no",
+                                 "dtype": "float32"}
+    ref = {e["step"]: e for e in train_log(world.ref) if "loss" in e}
+    got = {e["step"]: e for e in train_log(out) if "loss" in e}
+    assert [(s, e["stage"]) for s, e in got.items()] == STEPS
+    for s, e in ref.items():
+        for k in ("loss", "ce_loss", "kl_loss"):
+            assert got[s][k] == pytest.approx(e[k], rel=1e-4), (s, k)
+    a, b = weights(out), weights(world.ref)
+    assert a.keys() == b.keys()
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    # crashed after the stage-2 checkpoint at its step 2: DeepSpeed's own optimizer state is resumed
+    crashed = tmp_path / "crashed"
+    shutil.copytree(out, crashed)
+    shutil.rmtree(crashed / RUN / "final")
+    shutil.rmtree(crashed / RUN / "02-full" / "checkpoint-3")
+    assert (crashed / RUN / "02-full" / "checkpoint-2" / "global_step2").is_dir()  # ZeRO's partitioned state
+    launch(crashed, "--resume")
+    assert_same_weights(crashed, out)
+    # export from the DeepSpeed run's final/ and load it with plain transformers
+    plain = tmp_path / "plain"
+    r = subprocess.run([sys.executable, "-m", "moedistill.cli", "export", str(out / RUN / "final"), str(plain)],
+                       env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    dense = AutoModelForCausalLM.from_pretrained(plain).eval()
+    student, _ = get_model(str(out / RUN / "final"), with_tokenizer=False)
+    x = torch.arange(16).reshape(1, 16) % world.vocab
+    with torch.no_grad():
+        torch.testing.assert_close(dense(input_ids=x).logits, student.eval()(input_ids=x).logits, rtol=1e-4,
+                                   atol=1e-4)
