@@ -1,0 +1,416 @@
+"""Compression, export and experts at Qwen3-30B-A3B's per-layer dimensions (issue 13's acceptance figures).
+
+    python benchmarks/scale_teacher.py /tmp/q3-1layer              # once (bf16, ~2.5 GB)
+    python benchmarks/scale_teacher.py /tmp/q3-2layer --layers 2   # once
+    python benchmarks/bench_scale.py --teacher1 /tmp/q3-1layer --teacher2 /tmp/q3-2layer --work /tmp/bench_scale
+
+Every measured variant runs in a process of its own (``--variant``), so each peak RSS
+(``ru_maxrss``) is that variant's alone; the driver prints them side by side with the ratios:
+
+  compress-new  ``compress_layers``: layer-by-layer calibration, batched fp32 factors (eigh of
+                the smaller Gram), the reconstruction errors, the fp64 spot check
+  compress-old  the pre-issue-13 algorithm, copied below: calibration hooked on one full
+                forward, a float64 ``torch.linalg.svd`` and Cholesky per expert and projection
+                (``--old-experts N`` times the first N experts and scales by E / N: the loop is
+                per expert, so its cost is linear in E); its errors are computed with the new
+                chunked code (the old report's float64 copies took 10.2 GiB for one layer)
+  export        ``export_checkpoint`` of checkpoint-0 (rank for compression_ratio=0.25), peak RSS
+  export-check  the float32 export's logits against the compressed model's
+  experts       student experts (rank for ratio 0.25) vs the teacher's experts, fwd+bwd, 2,048 tokens
+
+Settings: core=frequency, svd=activation, 32 calibration blocks of 128 tokens of the embedded
+corpus. CPU times are process user+system seconds; the machine's 2 cores are shared, so read
+the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CALIB_SEQUENCES, CALIB_LEN, RATIO = 32, 128, 0.25
+
+
+def _rss() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _peak() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _teacher(path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+
+
+def _calibration():
+    from moedistill.data import prepare
+    from moedistill.models import TINY_TEACHER, load_tokenizer
+
+    tok = load_tokenizer(str(TINY_TEACHER))
+    return prepare(tok, "tiny", seq_len=CALIB_LEN, max_sequences=CALIB_SEQUENCES).blocks
+
+
+def _rank(teacher):
+    from moedistill.compression.init import resolve_rank
+
+    return resolve_rank(teacher, None, RATIO)
+
+
+def _stats_bytes(teacher) -> int:
+    from moedistill.compression.init import expert_dims
+
+    E, H, I = expert_dims(teacher)
+    return E * (H * H + I * I) * 4
+
+
+# --------------------------------------------------------------------------- the old algorithm (before issue 13)
+
+
+def old_calibration(model, input_ids, batch_size=8):
+    """Hooks on one full forward, Grams of all layers at once (the old one-group case), per-expert masks."""
+    import numpy as np
+    import torch
+
+    from moedistill.compression.init import teacher_expert_weights
+    from moedistill.compression.modeling_moedistill import find_moe_blocks
+
+    blocks = [b for _, b in find_moe_blocks(model)]
+    ex = blocks[0].experts
+    E, H, I = ex.num_experts, ex.hidden_dim, ex.intermediate_dim
+    counts = [torch.zeros(E, dtype=torch.float64) for _ in blocks]
+    g_in = [torch.zeros(E, H, H) for _ in blocks]
+    g_mid = [torch.zeros(E, I, I) for _ in blocks]
+
+    def hook(l):
+        def fn(module, args, kwargs):
+            hidden, index = args[0], args[1]
+            counts[l] += torch.bincount(index[index < E].reshape(-1), minlength=E).double()
+            W = teacher_expert_weights(module)
+            for e in torch.unique(index).tolist():
+                rows = (index == e).any(dim=-1)
+                x = hidden[rows]
+                mid = (module.act_fn(x @ W["gate"][e].T) * (x @ W["up"][e].T)).float()
+                x = x.float()
+                g_in[l][e] += x.T @ x
+                g_mid[l][e] += mid.T @ mid
+
+        return fn
+
+    hs = [b.experts.register_forward_pre_hook(hook(l), with_kwargs=True) for l, b in enumerate(blocks)]
+    x_all = torch.as_tensor(np.asarray(input_ids))
+    with torch.no_grad():
+        for i in range(0, len(x_all), batch_size):
+            model(input_ids=x_all[i : i + batch_size], use_cache=False)
+    for h in hs:
+        h.remove()
+    return counts, g_in, g_mid
+
+
+def old_layer_factors(experts, max_rank, counts, gram_in, gram_mid, damping=1e-2, n_experts=None):
+    """The old ``layer_factors`` (frequency core, activation SVD): float64, one expert at a time."""
+    import torch
+
+    from moedistill.compression.init import LayerFactors, teacher_expert_weights
+
+    def whitening(gram):
+        g = gram.double()
+        n = g.shape[-1]
+        scale = g.diagonal().mean()
+        if not torch.isfinite(scale) or scale <= 0:
+            return torch.eye(n, dtype=torch.float64)
+        g = g + damping * scale * torch.eye(n, dtype=torch.float64)
+        S, info = torch.linalg.cholesky_ex(g)
+        if info.item() != 0:
+            S = torch.linalg.cholesky(g + scale * torch.eye(n, dtype=torch.float64))
+        return S
+
+    W_all = teacher_expert_weights(experts)
+    out = LayerFactors({}, {}, {}, {})
+    w = counts / counts.sum()
+    for p in ("gate", "up", "down"):
+        W = W_all[p].double()
+        C = torch.einsum("e,eoi->oi", w.to(W), W)
+        D = W - C
+        Bs, As = [], []
+        for e in range(n_experts or W.shape[0]):
+            S = whitening((gram_mid if p == "down" else gram_in)[e])  # gate and up: computed twice, as before
+            U, sv, Vh = torch.linalg.svd(D[e] @ S, full_matrices=False)
+            Vh = torch.linalg.solve_triangular(S, Vh, upper=False, left=False)
+            U, sv, Vh = U[:, :max_rank], sv[:max_rank], Vh[:max_rank]
+            root = sv.sqrt()
+            Bs.append(U * root)
+            As.append(root[:, None] * Vh)
+        out.core[p] = C.float()
+        out.B[p] = torch.stack(Bs).float()
+        out.A[p] = torch.stack(As).float()
+        del W, D
+    return out
+
+
+# --------------------------------------------------------------------------- variants (one process each)
+
+
+def v_compress_new(a) -> dict:
+    from moedistill.compression.init import compress_layers
+
+    teacher = _teacher(a.teacher)
+    ids = _calibration()
+    r = _rank(teacher)
+    rss0, cpu0, t0 = _rss(), _cpu(), time.perf_counter()
+    v = ("frequency", "activation")
+    res = compress_layers(teacher, {v: r}, calibration=ids, error_ranks={v: [r]}, keep=set())
+    return {"cpu_s": _cpu() - cpu0, "wall_s": time.perf_counter() - t0, "layer_s": res.seconds,
+            "peak_above_teacher": _peak() - rss0, "stats_bytes": _stats_bytes(teacher), "rank": r,
+            "errors": res.errors[(*v, r)], "svd_check": res.svd_check}
+
+
+def v_compress_old(a) -> dict:
+    import torch
+
+    from moedistill.compression.init import layer_errors
+    from moedistill.compression.modeling_moedistill import find_moe_blocks
+
+    teacher = _teacher(a.teacher)
+    ids = _calibration()
+    r = _rank(teacher)
+    rss0, cpu0, t0 = _rss(), _cpu(), time.perf_counter()
+    counts, g_in, g_mid = old_calibration(teacher, ids)
+    cpu_calib = _cpu() - cpu0
+    cpu_f, errors = 0.0, []
+    E = teacher.config.num_experts
+    n = a.old_experts or E
+    for l, (name, block) in enumerate(find_moe_blocks(teacher)):
+        c = _cpu()
+        f = old_layer_factors(block.experts, r, counts[l], g_in[l], g_mid[l], n_experts=n)
+        cpu_f += (_cpu() - c) * E / n
+        if n == E:
+            from moedistill.compression.init import teacher_expert_weights
+
+            B = {p: f.B[p] for p in f.B}
+            A = {p: f.A[p] for p in f.A}
+            errors.append({"layer": name, **layer_errors(teacher_expert_weights(block.experts), f.core, B, A,
+                                                         g_in[l], g_mid[l])})
+        del f
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return {"cpu_s": cpu_calib + cpu_f, "cpu_calibration_s": cpu_calib, "experts_timed": n,
+            "wall_s": time.perf_counter() - t0, "peak_above_teacher": _peak() - rss0, "errors": errors}
+
+
+def v_make_ckpt(a) -> dict:
+    import moedistill.compression as mc
+    from moedistill.models import load_tokenizer
+
+    teacher = _teacher(a.teacher)
+    student = mc.compress_model(teacher, compression_ratio=RATIO, core="frequency", svd="activation",
+                                calibration=_calibration())
+    student.save_pretrained(a.ckpt)
+    load_tokenizer(a.teacher).save_pretrained(a.ckpt)
+    return {"ckpt": a.ckpt}
+
+
+def v_export(a) -> dict:
+    import shutil
+
+    from moedistill.compression.export import export_checkpoint
+    from moedistill.models import get_model
+
+    out = Path(a.work) / f"export-{Path(a.ckpt).name}"
+    shutil.rmtree(out, ignore_errors=True)
+    # the student as export_checkpoint loads it, to measure the RSS it starts from
+    student, _ = get_model(a.ckpt, with_tokenizer=False)
+    student_bytes = sum(p.numel() * p.element_size() for p in student.parameters())
+    del student
+    rss0, t0 = _rss(), time.perf_counter()
+    export_checkpoint(a.ckpt, out)
+    info = {"peak_rss": _peak(), "peak_above_start": _peak() - rss0, "student_bytes": student_bytes,
+            "wall_s": time.perf_counter() - t0,
+            "shards": len(list(out.glob("model-*.safetensors")))}
+    shutil.rmtree(out, ignore_errors=True)
+    return info
+
+
+def v_export_check(a) -> dict:
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from moedistill.compression.export import export_checkpoint
+    from moedistill.models import get_model
+
+    out = Path(a.work) / "export-fp32"
+    shutil.rmtree(out, ignore_errors=True)
+    ids = torch.as_tensor(_calibration()[:2, :64])
+    student, _ = get_model(a.ckpt, with_tokenizer=False)
+    student = student.float()
+    with torch.no_grad():
+        ref = student(input_ids=ids).logits
+    del student
+    export_checkpoint(a.ckpt, out, dtype="float32")
+    dense = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = dense(input_ids=ids).logits
+    shutil.rmtree(out, ignore_errors=True)
+    return {"max_abs_diff": float((got - ref).abs().max()), "max_abs_logit": float(ref.abs().max()),
+            "type": type(dense).__name__}
+
+
+def v_experts(a) -> dict:
+    import torch
+    from transformers import AutoConfig
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+
+    from moedistill.compression.init import rank_for_ratio
+    from moedistill.compression.modeling_moedistill import CompressedExperts
+
+    cfg = AutoConfig.from_pretrained(a.teacher)
+    E, H, I, k, T = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok, 2048
+    torch.manual_seed(0)
+    teacher = Qwen3MoeExperts(cfg)
+    with torch.no_grad():
+        teacher.gate_up_proj.normal_(std=0.02)
+        teacher.down_proj.normal_(std=0.02)
+    r = rank_for_ratio(RATIO, E, H, I)
+    student = CompressedExperts(E, H, I, r)
+    with torch.no_grad():
+        for n, p in student.named_parameters():
+            if n.endswith("_B"):
+                p.normal_(std=0.02)
+    x = (torch.randn(T, H) * 0.1).requires_grad_()
+    w, idx = torch.softmax(torch.randn(T, E), -1).topk(k, -1)
+    w = w / w.sum(-1, keepdim=True)
+
+    def time_it(m):
+        best = float("inf")
+        for _ in range(a.repeat):
+            m.zero_grad(set_to_none=True)
+            x.grad = None
+            t = time.perf_counter()
+            m(x, idx, w).square().mean().backward()
+            best = min(best, time.perf_counter() - t)
+        return best
+
+    t_teacher, t_student = time_it(teacher), time_it(student)
+    n_t = sum(p.numel() for p in teacher.parameters())
+    n_s = sum(p.numel() for p in student.parameters())
+    return {"teacher_s": t_teacher, "student_s": t_student, "ratio": t_student / t_teacher, "rank": r,
+            "param_ratio": n_s / n_t, "implementation": getattr(cfg, "_experts_implementation", None),
+            "threads": torch.get_num_threads(), "tokens": T}
+
+
+VARIANTS = {"compress-new": v_compress_new, "compress-old": v_compress_old, "make-ckpt": v_make_ckpt,
+            "export": v_export, "export-check": v_export_check, "experts": v_experts}
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _run(variant: str, **kw) -> dict:
+    args = [sys.executable, __file__, "--variant", variant]
+    for k, v in kw.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    t = time.perf_counter()
+    proc = subprocess.run(args, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{variant} failed:\n{proc.stderr[-3000:]}")
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"  [{variant} {kw.get('teacher') or kw.get('ckpt')}: {time.perf_counter() - t:.0f} s]", flush=True)
+    return res
+
+
+def _gib(b) -> str:
+    return f"{b / 2**30:.2f} GiB"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variant", choices=sorted(VARIANTS))
+    p.add_argument("--teacher")
+    p.add_argument("--ckpt")
+    p.add_argument("--teacher1", default="/tmp/q3-1layer")
+    p.add_argument("--teacher2", default="/tmp/q3-2layer")
+    p.add_argument("--work", default="/tmp/bench_scale")
+    p.add_argument("--sections", default="compress,export,experts")
+    p.add_argument("--old-experts", type=int, default=0, help="time the old factors on N experts (0: all)")
+    p.add_argument("--repeat", type=int, default=2)
+    a = p.parse_args()
+    if a.variant:
+        print(json.dumps(VARIANTS[a.variant](a)))
+        return
+    Path(a.work).mkdir(parents=True, exist_ok=True)
+    sections = set(a.sections.split(","))
+    print(f"load average at start: {os.getloadavg()[0]:.2f} (2 cores)")
+    results = {}
+    if "compress" in sections:
+        new1 = _run("compress-new", teacher=a.teacher1)
+        old1 = _run("compress-old", teacher=a.teacher1, old_experts=a.old_experts)
+        new2 = _run("compress-new", teacher=a.teacher2)
+        results["compress"] = {"new1": new1, "old1": old1, "new2": new2}
+        print(f"\ncompression, 1 layer (rank {new1['rank']}, frequency+activation, "
+              f"{CALIB_SEQUENCES}x{CALIB_LEN} calibration tokens)")
+        print(f"{'':<34}{'old':>12}{'new':>12}{'ratio':>8}")
+        old_note = "" if old1["experts_timed"] == 128 else f" (factors timed on {old1['experts_timed']} experts, x E/N)"
+        print(f"{'CPU seconds' + old_note:<34}{old1['cpu_s']:12.1f}{new1['cpu_s']:12.1f}"
+              f"{new1['cpu_s'] / old1['cpu_s']:8.3f}")
+        print(f"{'wall seconds':<34}{old1['wall_s']:12.1f}{new1['wall_s']:12.1f}")
+        st = new1["stats_bytes"]
+        for tag, r in (("1 layer", new1), ("2 layers", new2)):
+            print(f"peak RSS above teacher, {tag}: {_gib(r['peak_above_teacher'])} = "
+                  f"{r['peak_above_teacher'] / st:.2f}x one layer's statistics ({_gib(st)})")
+        print(f"old, 1 layer: peak RSS above teacher {_gib(old1['peak_above_teacher'])}")
+        if old1["errors"]:
+            print("error on routed inputs, new (fp32 batched) vs old (fp64 per expert), relative difference:")
+            for rn, ro in zip(new1["errors"], old1["errors"]):
+                for proj in ("gate", "up", "down"):
+                    k = f"{proj}_on_inputs"
+                    print(f"  {rn['layer']} {proj}: {ro[k]:.6f} -> {rn[k]:.6f} ({rn[k] / ro[k] - 1:+.2e}); "
+                          f"weights {ro[proj]:.6f} -> {rn[proj]:.6f}")
+        worst = max(new1["svd_check"], key=lambda r: abs(r["relative_difference"]))
+        print(f"report's fp64 spot check: worst relative difference {worst['relative_difference']:+.2e}")
+    if "export" in sections:
+        ck = {}
+        for tag, t in (("1", a.teacher1), ("2", a.teacher2)):
+            ck[tag] = str(Path(a.work) / f"ckpt-{tag}layer")
+            if not (Path(ck[tag]) / "config.json").is_file():
+                _run("make-ckpt", teacher=t, ckpt=ck[tag])
+        e1, e2 = _run("export", ckpt=ck["1"], work=a.work), _run("export", ckpt=ck["2"], work=a.work)
+        chk = _run("export-check", ckpt=ck["1"], work=a.work)
+        results["export"] = {"1": e1, "2": e2, "check": chk}
+        print(f"\nexport (bf16, shards <= 2 GiB)\n{'':<30}{'1 layer':>12}{'2 layers':>12}{'ratio':>8}")
+        print(f"{'peak RSS':<30}{e1['peak_rss'] / 2**30:12.2f}{e2['peak_rss'] / 2**30:12.2f}"
+              f"{e2['peak_rss'] / e1['peak_rss']:8.3f}")
+        print(f"{'peak RSS above start':<30}{e1['peak_above_start'] / 2**30:12.2f}"
+              f"{e2['peak_above_start'] / 2**30:12.2f}{e2['peak_above_start'] / e1['peak_above_start']:8.3f}")
+        print(f"{'student weights, GiB':<30}{e1['student_bytes'] / 2**30:12.2f}{e2['student_bytes'] / 2**30:12.2f}")
+        print(f"{'seconds':<30}{e1['wall_s']:12.1f}{e2['wall_s']:12.1f}")
+        print(f"fp32 export vs compressed model, 1 layer: logits max abs diff {chk['max_abs_diff']:.2e} "
+              f"(max |logit| {chk['max_abs_logit']:.1f}), loaded as {chk['type']}")
+    if "experts" in sections:
+        ex = _run("experts", teacher=a.teacher1, repeat=a.repeat)
+        results["experts"] = ex
+        print(f"\nexperts fwd+bwd, {ex['tokens']} tokens, top-8, {ex['threads']} threads: teacher "
+              f"{ex['teacher_s']:.2f} s, student (rank {ex['rank']}, {ex['param_ratio']:.3f} of the parameters) "
+              f"{ex['student_s']:.2f} s, ratio {ex['ratio']:.3f}")
+    (Path(a.work) / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
