@@ -76,3 +76,20 @@ def test_script_exists_and_accepts_its_flags(doc, line):
     assert r.returncode == 0, r.stderr
     for f in flags:
         assert f in r.stdout, f"{argv[1]} --help does not list {f}"
+
+
+def test_gpu_check_runs_its_smoke_mode():
+    """benchmarks/gpu_check.py is only ever run by hand on a GPU; its --smoke mode runs the same
+    code at toy sizes on CPU, so the script does not rot between GPU sessions."""
+    import os
+
+    import torch
+
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu_check.py"), "--smoke"], capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "1. embedded default" in r.stdout and "3. the loss alone" in r.stdout
+    if not torch.cuda.is_available():  # without --smoke it refuses to measure a CPU as a GPU
+        assert "error: no CUDA device" in subprocess.run([sys.executable, str(root / "benchmarks" / "gpu_check.py")],
+                                                         capture_output=True, text=True, timeout=120).stderr
