@@ -730,52 +730,61 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed: pip install -e .[deepspeed] (.ci/run does)")
-def test_deepspeed_zero3_two_processes_train_like_one_resume_and_export(world, tmp_path):
-    """`accelerate launch --config_file conf/accelerate/deepspeed_zero3.yaml` with 2 CPU processes
-    (DS_ACCELERATOR=cpu, gloo), fp32 (DeepSpeed's CPU path has no autocast): the wrappers-only stage
-    (everything in front of the experts frozen) and the full stage train like the 1-process
-    reference with the same global batches; metrics.json names the engine; a crash after a
-    mid-stage checkpoint resumed under the same launch ends with the same weights; the exported
-    final/ loads in plain transformers."""
+ENGINES = {  # shipped accelerate config -> (mixed precision on CPU, engine recorded, tolerance vs the fp32 reference)
+    "ddp.yaml": ("bf16", "ddp", 3e-2),
+    "deepspeed_zero3.yaml": ("no", "deepspeed-zero3", 1e-4),  # DeepSpeed's CPU path has no autocast
+}
+
+
+@pytest.mark.parametrize("config", list(ENGINES))
+def test_accelerate_launch_two_processes_train_like_one_resume_and_export(world, tmp_path, config):
+    """`accelerate launch --config_file conf/accelerate/<config>` with 2 CPU processes (gloo;
+    DeepSpeed with DS_ACCELERATOR=cpu): the wrappers-only stage (everything in front of the
+    experts frozen) and the full stage train like the 1-process fp32 reference with the same
+    global batches (bf16 autocast within bf16 tolerance); metrics.json names the engine; a crash
+    after a mid-stage checkpoint resumed under the same launch ends with the same weights as the
+    uninterrupted run; the exported final/ loads in plain transformers and gives its logits."""
+    if config.startswith("deepspeed") and not HAS_DEEPSPEED:
+        pytest.skip("deepspeed is not installed: pip install -e .[deepspeed] (.ci/run does)")
     from transformers import AutoModelForCausalLM
 
     from moedistill.models import get_model
 
+    precision, engine, tol = ENGINES[config]
     accelerate = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
-    conf = SRC / "moedistill" / "conf" / "accelerate" / "deepspeed_zero3.yaml"
+    conf = SRC / "moedistill" / "conf" / "accelerate" / config
 
     def launch(out, *extra):
-        cmd = [accelerate, "launch", "--config_file", str(conf), "--num_processes", "2", "--mixed_precision", "no",
-               "--main_process_port", str(_free_port()), "-m", "moedistill.cli", "train", *extra,
-               *overrides(world, out, *TWO_PROCESSES)]
+        cmd = [accelerate, "launch", "--config_file", str(conf), "--num_processes", "2", "--mixed_precision",
+               precision, "--main_process_port", str(_free_port()), "-m", "moedistill.cli", "train", *extra,
+               *overrides(world, out, *TWO_PROCESSES, f"training.bf16={precision == 'bf16'}")]
         r = subprocess.run(cmd, env=env(DS_ACCELERATOR="cpu"), capture_output=True, text=True, timeout=400)
         assert r.returncode == 0, r.stderr[-12000:]
 
     out = with_caches(world, tmp_path / "out")
     launch(out)
     metrics = json.loads((out / RUN / "metrics.json").read_text())
-    assert metrics["engine"] == {"engine": "deepspeed-zero3", "world_size": 2, "mixed_precision": "no",
-                                 "dtype": "float32"}
+    assert metrics["engine"] == {"engine": engine, "world_size": 2, "mixed_precision": precision, "dtype": "float32"}
     ref = {e["step"]: e for e in train_log(world.ref) if "loss" in e}
     got = {e["step"]: e for e in train_log(out) if "loss" in e}
     assert [(s, e["stage"]) for s, e in got.items()] == STEPS
     for s, e in ref.items():
         for k in ("loss", "ce_loss", "kl_loss"):
-            assert got[s][k] == pytest.approx(e[k], rel=1e-4), (s, k)
+            assert got[s][k] == pytest.approx(e[k], rel=tol), (s, k)
     a, b = weights(out), weights(world.ref)
     assert a.keys() == b.keys()
-    for k in b:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
-    # crashed after the stage-2 checkpoint at its step 2: DeepSpeed's own optimizer state is resumed
+    for k in b:  # relative to each tensor's norm: a bf16 step moves small entries by more than their size
+        assert float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-12)) < tol, k
+    # crashed after the stage-2 checkpoint at its step 2 (the engine's own optimizer state is resumed)
     crashed = tmp_path / "crashed"
     shutil.copytree(out, crashed)
     shutil.rmtree(crashed / RUN / "final")
     shutil.rmtree(crashed / RUN / "02-full" / "checkpoint-3")
-    assert (crashed / RUN / "02-full" / "checkpoint-2" / "global_step2").is_dir()  # ZeRO's partitioned state
+    if engine.startswith("deepspeed"):
+        assert (crashed / RUN / "02-full" / "checkpoint-2" / "global_step2").is_dir()  # ZeRO's partitioned state
     launch(crashed, "--resume")
     assert_same_weights(crashed, out)
-    # export from the DeepSpeed run's final/ and load it with plain transformers
+    # export the run's final/ and load it with plain transformers
     plain = tmp_path / "plain"
     r = subprocess.run([sys.executable, "-m", "moedistill.cli", "export", str(out / RUN / "final"), str(plain)],
                        env=env(), capture_output=True, text=True, timeout=300)
