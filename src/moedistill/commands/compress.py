@@ -20,11 +20,12 @@ from transformers import AutoConfig
 from moedistill.commands import common  # called qualified, so patching common.X reaches every verb
 from moedistill.compression.init import (
     DEFAULT_DAMPING,
-    build_student,
-    collect_calibration_stats,
+    compress_layers,
     compression_record,
-    compute_factors,
+    finish_student,
     full_rank,
+    load_layer_factors,
+    new_student,
     resolve_rank,
 )
 from moedistill.compression.report import REPORT_SEQUENCES, VARIANTS, build_report, write_report
@@ -34,7 +35,7 @@ from moedistill.files import atomic_dir, disk_full_as_error, model_bytes
 from moedistill.locking import DirectoryLock
 from moedistill.models import config_or_none, resolve
 
-SETTINGS_VERSION = 1  # bump when the initialisation changes so old checkpoint-0s are not reused
+SETTINGS_VERSION = 2  # bump when the initialisation changes so old checkpoint-0s are not reused
 
 
 def checkpoint_dir(cfg) -> Path:
@@ -146,27 +147,37 @@ def _compress(cfg, ckpt: Path, s: dict, h: str) -> Path:
     if skipped:
         print(f"[compress] report ranks {skipped} skipped: outside [0, {full}] (full rank of this teacher)")
 
-    stats = None
+    calib = None
     if _uses_calibration(cfg) or report_ranks:
         calib = common.prepare_split(cfg, tokenizer, max_sequences=c.calibration_sequences)
-        stats = collect_calibration_stats(
-            teacher, calib.blocks, gram=c.svd == "activation" or bool(report_ranks), batch_size=cfg.cache.batch_size
-        )
+
+    # One set of factors per variant, at the largest rank any student of that variant needs, checkpoint-0's
+    # first; the layers are calibrated and factorised one at a time (one layer's Grams in memory), and
+    # checkpoint-0's factors go straight into the student.
+    mine = (c.core, c.svd)
+    variants = {mine: max([rank, *report_ranks])}
+    for v in VARIANTS if report_ranks else []:
+        variants.setdefault(v, max(report_ranks))
+    error_ranks = {v: list(report_ranks) for v in variants} if report_ranks else {}
+    error_ranks[mine] = sorted({rank, *error_ranks.get(mine, [])})
+    record = compression_record(teacher, rank, core=c.core, svd=c.svd, stats=None, damping=DEFAULT_DAMPING)
+    student = new_student(teacher, rank, record)
+    result = compress_layers(
+        teacher, variants, calibration=None if calib is None else calib.blocks,
+        gram=c.svd == "activation" or bool(report_ranks), error_ranks=error_ranks,
+        keep=set(variants) if report_ranks else set(),
+        on_layer=lambda l, v, f: load_layer_factors(student, l, f) if v == mine else None,
+        batch_size=cfg.cache.batch_size,
+    )
+    stats, factors = result.stats, result.factors
+    if stats is not None:
         print(f"[compress] calibration: {stats.sequences} sequences x {cfg.data.seq_len} tokens of {calib.source}")
-
-    # One set of factors per variant, at the largest rank any student of that variant needs.
-    variants = set(VARIANTS) if report_ranks else set()
-    variants.add((c.core, c.svd))
-    factors = {}
-    for core, svd in sorted(variants):
-        max_rank = max([*report_ranks, *([rank] if (core, svd) == (c.core, c.svd) else [])])
-        factors[(core, svd)] = compute_factors(teacher, max_rank=max_rank, core=core, svd=svd, stats=stats)
-
     record = compression_record(
         teacher, rank, core=c.core, svd=c.svd, stats=stats if _uses_calibration(cfg) else None, damping=DEFAULT_DAMPING
     )
-    record.update({"teacher": cfg.teacher.name, "settings": s, "settings_hash": h})
-    student = build_student(teacher, factors[(c.core, c.svd)], rank, record)
+    record.update({"teacher": cfg.teacher.name, "settings": s, "settings_hash": h, "rank": int(rank)})
+    student.config.compression = record
+    finish_student(student, teacher)
     _save(student, tokenizer, ckpt)
     print(f"[compress] wrote {ckpt} (rank {rank}, core={c.core}, svd={c.svd})")
 
@@ -177,6 +188,7 @@ def _compress(cfg, ckpt: Path, s: dict, h: str) -> Path:
         header={"teacher": cfg.teacher.name, "checkpoint": str(ckpt), "settings": s},
         checkpoint_0={"rank": rank, "core": c.core, "svd": c.svd},
         eval_info={"split": cfg.data.eval_split, "sequences": len(eval_blocks), "seq_len": cfg.data.seq_len},
+        errors=result.errors, svd_check=result.svd_check,
     )
     write_report(report, ckpt.parent)
     return ckpt
