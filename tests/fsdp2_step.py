@@ -5,7 +5,9 @@ Each decoder layer (its compressed experts inside) is one FSDP unit, the root an
 wrappers-only rules of tiny.yaml freeze everything else; the optimizer is AdamW over
 ``moedistill.param_groups.optimizer_groups`` of the sharded (DTensor) parameters. Rank 0
 compares, after two steps, the gathered full weights and the step's loss with the same two
-steps run whole in one process on the same global batches; prints one JSON line."""
+steps run whole in one process on the same global batches, and a resume from a sharded
+checkpoint (torch.distributed.checkpoint) after step 1 with the uninterrupted run; prints one
+JSON line. Arguments: the tests/ directory, a checkpoint directory."""
 
 import json
 import sys
@@ -72,6 +74,35 @@ for x, labels, ids, lp in batches:
     losses.append(step(sharded, plan, opt, x[mine], labels[mine], ids[mine], lp[mine], n, world))
     ref_losses.append(step(ref, ref_plan, ref_opt, x, labels, ids, lp, n, 1))
 full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in sharded.state_dict().items()}
+
+# resume: a sharded checkpoint (torch.distributed.checkpoint, model + optimizer) written after step 1,
+# loaded into a fresh sharded student, then step 2: the same weights as the uninterrupted run
+import torch.distributed.checkpoint as dcp  # noqa: E402
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict  # noqa: E402
+
+
+def sharded_run():
+    model, p = student()
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model, p, make(model, p)
+
+
+first, p1, o1 = sharded_run()
+x, labels, ids, lp = batches[0]
+step(first, p1, o1, x[mine], labels[mine], ids[mine], lp[mine], labels.ne(-100).sum(), world)
+msd, osd = get_state_dict(first, o1)
+dcp.save({"model": msd, "optim": osd}, checkpoint_id=sys.argv[2])
+resumed, p2, o2 = sharded_run()
+msd, osd = get_state_dict(resumed, o2)
+state = {"model": msd, "optim": osd}
+dcp.load(state, checkpoint_id=sys.argv[2])
+set_state_dict(resumed, o2, model_state_dict=state["model"], optim_state_dict=state["optim"])
+x, labels, ids, lp = batches[1]
+step(resumed, p2, o2, x[mine], labels[mine], ids[mine], lp[mine], labels.ne(-100).sum(), world)
+after = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v) for k, v in resumed.state_dict().items()}
+resume_exact = all(torch.equal(after[k], full[k]) for k in full)
 worst, frozen_same, sharded_params = 0.0, True, 0
 start, _ = student()
 for k, v in ref.state_dict().items():
@@ -82,5 +113,6 @@ for p in sharded.parameters():
     sharded_params += type(p).__name__ == "DTensor"
 if rank == 0:
     print(json.dumps({"losses": losses, "ref_losses": ref_losses, "worst_rel": worst, "frozen_unchanged": frozen_same,
-                      "dtensor_params": sharded_params, "params": len(list(sharded.parameters()))}))
+                      "dtensor_params": sharded_params, "params": len(list(sharded.parameters())),
+                      "resume_exact": resume_exact}))
 dist.destroy_process_group()

@@ -797,18 +797,21 @@ def test_accelerate_launch_two_processes_train_like_one_resume_and_export(world,
                                    atol=1e-4)
 
 
-def test_fsdp2_two_processes_step_like_one():
+def test_fsdp2_two_processes_step_like_one_and_resume_exactly(tmp_path):
     """FSDP2 itself (torch's fully_shard, each decoder layer one unit) on 2 CPU processes (gloo):
     accelerate enables FSDP only on GPUs (on CPU its state is MULTI_CPU, so conf/accelerate/fsdp.yaml
     runs as DDP there: see docs/DISTILLATION.md), so this drives fully_shard directly with the
     compressed student, frozen parameters, the regex parameter groups and the loss:
-    two AdamW steps equal one process's on the same global batches (tests/fsdp2_step.py)."""
+    two AdamW steps equal one process's on the same global batches, and a sharded checkpoint
+    (torch.distributed.checkpoint, model + optimizer) resumes bit-exactly (tests/fsdp2_step.py)."""
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     here = Path(__file__).parent
-    r = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", str(here / "fsdp2_step.py"), str(here)],
+    r = subprocess.run([torchrun, "--standalone", "--nproc_per_node=2", str(here / "fsdp2_step.py"), str(here),
+                        str(tmp_path / "dcp")],
                        env=env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-6000:]
     got = json.loads(r.stdout.strip().splitlines()[-1])
     assert got["dtensor_params"] == got["params"] > 0  # every parameter sharded
     assert got["losses"] == pytest.approx(got["ref_losses"], rel=1e-6)
     assert got["worst_rel"] < 1e-4 and got["frozen_unchanged"]
+    assert got["resume_exact"]  # sharded checkpoint after step 1, fresh sharded student, step 2: bit-identical
