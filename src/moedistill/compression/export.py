@@ -97,7 +97,8 @@ def dense_experts(ex: CompressedExperts, dtype: torch.dtype, chunk: int = 8) -> 
 
 class _ShardWriter:
     """Tensors -> ``model-0000i-of-0000N.safetensors`` of at most ``max_bytes`` each (a larger tensor gets
-    a shard of its own) and ``model.safetensors.index.json``; holds at most one shard in memory."""
+    a shard of its own) and ``model.safetensors.index.json`` (one shard: ``model.safetensors``, no
+    index, as ``save_pretrained`` writes it); holds at most one shard in memory."""
 
     def __init__(self, out: Path, max_bytes: int):
         self.out, self.max_bytes = out, max_bytes
@@ -126,6 +127,9 @@ class _ShardWriter:
     def close(self) -> None:
         self.flush()
         n, weight_map = len(self.shards), {}
+        if n == 1:  # one shard: the plain layout save_pretrained writes (model.safetensors, no index)
+            os.replace(self.out / "part-00000.safetensors", self.out / "model.safetensors")
+            return
         for i, names in enumerate(self.shards):
             name = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
             os.replace(self.out / f"part-{i:05d}.safetensors", self.out / name)
