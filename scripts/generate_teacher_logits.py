@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def parse_args(argv=None):
@@ -55,6 +56,8 @@ def build_config(args):
     cfg = load_config(args.config_name)
     cfg.output_dir = args.output_dir
     cfg.cache.dir = args.output_dir
+    if cfg.data.store is None:  # the token stores beside the cache directory, not inside it
+        cfg.data.store = str(Path(args.output_dir).absolute().parent / "data")
     cfg.cache.top_k = args.top_k
     cfg.cache.overwrite = bool(args.overwrite)
     if args.teacher_model is not None:

@@ -44,7 +44,9 @@ def test_jsonl_and_parquet_and_directory_splits(tmp_path):
     rows = [{"text": "alpha beta"}, {"text": "gamma"}, {"text": ""}]
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     pq.write_table(pa.table({"content": ["one", "two", "three"]}), tmp_path / "validation.parquet")
-    assert load_texts(str(tmp_path), split="train") == ["alpha beta", "gamma"]  # empty docs skipped
+    with pytest.raises(UserError, match="train.jsonl:3: the 'text' field is an empty document"):
+        load_texts(str(tmp_path), split="train")
+    assert load_texts(str(tmp_path), split="train", bad_records="skip") == ["alpha beta", "gamma"]
     assert load_texts(str(tmp_path), split="validation", text_field="content", max_samples=2) == ["one", "two"]
     with pytest.raises(UserError, match="no 'test' split"):
         load_texts(str(tmp_path), split="test")
@@ -107,17 +109,27 @@ def test_max_sequences_equals_truncating_the_full_packing(tiny_tokenizer):
     assert part.stream_hash == stream_hash(full.blocks[:10])
 
 
-def test_bad_records_are_one_line_errors_and_null_text_is_skipped(tmp_path):
-    (tmp_path / "ok.jsonl").write_text('{"text": "in the beginning"}\n{"text": null}\n{"text": "and the earth"}\n')
-    with pytest.warns(UserWarning, match="1 record\\(s\\) with a null text field skipped"):
-        assert load_texts(str(tmp_path / "ok.jsonl")) == ["in the beginning", "and the earth"]  # never "None"
+def test_bad_records_are_one_line_errors_or_counted_skips(tmp_path):
+    from moedistill.sources import resolve_split
+
+    (tmp_path / "null.jsonl").write_text('{"text": "in the beginning"}\n{"text": null}\n{"text": "and the earth"}\n')
     cases = {
-        "list.jsonl": (b'["a"]\n', "list.jsonl:1 is a JSON list, not an object"),
-        "number.jsonl": (b'{"text": "a"}\n{"text": 7}\n', "number.jsonl:2: the text field holds int"),
-        "latin1.txt": (b"first\n\ncaf\xe9\n", "latin1.txt:3 is not UTF-8 text"),
+        "null.jsonl": (None, "null.jsonl:2: the 'text' field is null", "null text"),
+        "list.jsonl": (b'{"text": "a"}\n["a"]\n', "list.jsonl:2 is a JSON list, not an object", "non-object JSON"),
+        "number.jsonl": (b'{"text": "a"}\n{"text": 7}\n', "number.jsonl:2: the 'text' field holds int",
+                         "non-string text"),
+        "empty.jsonl": (b'{"text": "a"}\n{"text": "  "}\n', "empty.jsonl:2: the 'text' field is an empty document",
+                        "empty document"),
+        "broken.jsonl": (b'{"text": "a"}\n{"text": \n', "broken.jsonl:2 is not valid JSON", "invalid JSON"),
+        "latin1.txt": (b"first\n\ncaf\xe9\n", "latin1.txt:3 is not UTF-8 text", "non-UTF-8 line"),
     }
-    for name, (raw, needle) in cases.items():
-        (tmp_path / name).write_bytes(raw)
+    for name, (raw, needle, kind) in cases.items():
+        if raw is not None:
+            (tmp_path / name).write_bytes(raw)
         with pytest.raises(UserError) as e:
             load_texts(str(tmp_path / name))
-        assert needle in str(e.value) and "\n" not in str(e.value)
+        assert needle in str(e.value) and "data.bad_records=skip" in str(e.value) and "\n" not in str(e.value)
+        src = resolve_split(str(tmp_path / name), "train", bad_records="skip")
+        docs = list(src.documents())
+        assert "None" not in docs and docs[0] in ("a", "in the beginning", "first")
+        assert dict(src.skipped) == {kind: 1}

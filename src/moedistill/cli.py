@@ -30,6 +30,7 @@ from moedistill.files import DiskFullError, is_disk_full
 
 COMMANDS = {
     "run": "compress -> cache (top-k and sampled) -> distill -> evaluate -> report, on one config",
+    "prepare": "tokenise and pack the train and eval splits once into memory-mapped token stores",
     "cache": "generate the offline teacher-logit cache (HDF5 shards + manifest)",
     "inspect": "summarise a cache directory; --verify checks every shard",
     "compress": "build the shared-core + wrapper student (checkpoint-0) from the teacher",
@@ -68,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--model", default=None, help="model to evaluate (default: the trained student)")
             sp.add_argument("--cache", default=None, help="teacher cache of the eval split (default: built as needed)")
             sp.add_argument("--output", default=None, help="write the metrics JSON here")
+        if name == "prepare":
+            sp.add_argument("--split", action="append", default=None,
+                            help="prepare only this split (repeatable; default: data.split and data.eval_split)")
         if name == "cache":
             sp.add_argument("--overwrite", action="store_true",
                             help="replace a cache of another configuration in the way (same as cache.overwrite=true)")
@@ -109,6 +113,7 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
 SHARED_ARTIFACTS = {
     "compress.dir": ("teacher.", "compress.", "data.", "seed", "cache.batch_size", "eval.batch_size"),
     "cache.root": ("teacher.", "cache.", "data.", "seed"),
+    "data.store": ("teacher.", "data."),
 }
 
 
@@ -127,7 +132,8 @@ def share_artifacts(cfg, base: str, swept: set[str]) -> None:
     for key, inputs in SHARED_ARTIFACTS.items():
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) is None and not any(k.startswith(inputs) for k in swept):
-            setattr(getattr(cfg, section), name, str(Path(base) / ("compressed" if section == "compress" else "cache")))
+            folder = {"compress": "compressed", "cache": "cache", "data": "data"}[section]
+            setattr(getattr(cfg, section), name, str(Path(base) / folder))
 
 
 def sweep_dir_name(overrides: list[str], swept: set[str] | None = None) -> str:
@@ -143,7 +149,7 @@ def sweep_dir_name(overrides: list[str], swept: set[str] | None = None) -> str:
 
 
 # the commands that split their work over the processes of torchrun / accelerate launch
-MULTI_PROCESS = ("cache", "train", "config", "inspect")
+MULTI_PROCESS = ("cache", "train", "config", "inspect", "prepare")
 
 
 def _check_launch(cmd: str) -> None:
@@ -181,6 +187,10 @@ def _dispatch(args, cfg):
         from moedistill.commands.run import run
 
         run(cfg, resume=args.resume)
+    elif cmd == "prepare":
+        from moedistill.commands.prepare import prepare_from_config
+
+        prepare_from_config(cfg, args.split)
     elif cmd == "cache":
         from moedistill.commands.cache import generate_from_config
 

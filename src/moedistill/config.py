@@ -54,6 +54,11 @@ class DataConfig:
     max_samples: int | None = None  # first N documents of the split
     max_sequences: int | None = None  # first N packed blocks for training
     eval_max_sequences: int | None = None  # first N packed blocks for evaluation
+    splits: dict[str, str] = field(default_factory=dict)  # split name -> file / directory / glob
+    eval_fraction: float | None = None  # hold out this fraction of the split's documents as eval_split
+    bad_records: str = "error"  # error | skip (counted): null / non-string / empty text, non-UTF-8, non-object JSON
+    store: str | None = None  # token stores (moedistill prepare); None: <output_dir>/data
+    prepare_workers: int | None = None  # tokeniser processes; None: 0 for local data < 32 MB, else one per core
 
 
 @dataclass
@@ -316,6 +321,12 @@ def validate(cfg: Config) -> Config:
     for key in ("max_samples", "max_sequences", "eval_max_sequences"):
         v = getattr(cfg.data, key)
         _check(v is None or v >= 1, f"data.{key}={v} must be >= 1 or null")
+    _check(cfg.data.eval_fraction is None or 0 < cfg.data.eval_fraction < 1,
+           f"data.eval_fraction={cfg.data.eval_fraction} must be in (0, 1) or null, e.g. data.eval_fraction=0.01")
+    _check(cfg.data.bad_records in ("error", "skip"),
+           f"data.bad_records={cfg.data.bad_records!r} must be error or skip")
+    _check(cfg.data.prepare_workers is None or cfg.data.prepare_workers >= 0,
+           f"data.prepare_workers={cfg.data.prepare_workers} must be >= 0 or null (0: tokenise in this process)")
     _check_rules(cfg.param_groups, "param_groups")
     names = set()
     for i, st in enumerate(cfg.stages):

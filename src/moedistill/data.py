@@ -1,8 +1,11 @@
 """Text in, packed token blocks out.
 
-Loading: a dataset of the Hugging Face ``datasets`` library by name/config/split, or
-local ``.txt`` / ``.jsonl`` / ``.parquet`` files (one path, a directory, or a glob).
-In a ``.txt`` file documents are separated by one or more blank lines.
+Loading (``moedistill.sources``): a dataset of the Hugging Face ``datasets`` library by
+name/config/split, a ``datasets.save_to_disk`` directory, or local ``.txt`` / ``.jsonl`` /
+``.parquet`` files (one path, a directory, or a glob), streamed one document at a time. In a
+``.txt`` file documents are separated by one or more blank lines. The commands keep the packed
+blocks in a token store (``moedistill.store``), built once; this module is the in-memory packing
+that the store reproduces exactly, and the helpers around it.
 
 Packing: every document is tokenised with the TEACHER's tokenizer, an EOS id is
 appended after it, the documents are concatenated in their original order and cut into
@@ -16,125 +19,22 @@ token array.
 
 from __future__ import annotations
 
-import glob
 import hashlib
-import json
-import os
-import warnings
+import itertools
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
 from moedistill.errors import UserError
 from moedistill.fingerprints import stream_hash, tokenizer_hash
+from moedistill.sources import ASSETS, EMBEDDED_CORPUS, LOCAL_SUFFIXES, resolve_split
 
-ASSETS = Path(__file__).resolve().parent / "assets"
-EMBEDDED_CORPUS = ASSETS / "corpus"
-LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+__all__ = ["ASSETS", "EMBEDDED_CORPUS", "LOCAL_SUFFIXES", "PackedData", "eos_id_of", "from_store", "load_texts",
+           "pack", "prepare", "shifted_labels", "stream_hash", "tokenize", "tokenizer_hash"]
 
 
 # --------------------------------------------------------------------------- loading
-
-
-def _resolve_local(dataset: str, split: str) -> list[Path] | None:
-    """Local files for ``dataset`` (and ``split`` inside a directory), or None if not local."""
-    if dataset in ("tiny", "embedded"):
-        dataset = str(EMBEDDED_CORPUS)
-    p = Path(dataset).expanduser()
-    if p.is_file():
-        return [p]
-    if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.suffix in LOCAL_SUFFIXES and f.stem == split)
-        if not files:
-            files = sorted(f for f in p.glob(f"{split}*") if f.suffix in LOCAL_SUFFIXES)
-        if not files:
-            have = sorted({f.stem for f in p.iterdir() if f.suffix in LOCAL_SUFFIXES})
-            raise UserError(
-                f"no '{split}' split in {p} (found splits: {', '.join(have) or 'none'}); "
-                f"set data.split / data.eval_split to one of them"
-            )
-        return files
-    if any(ch in dataset for ch in "*?["):
-        files = sorted(Path(f) for f in glob.glob(os.path.expanduser(dataset)))
-        if not files:
-            raise UserError(f"no file matches {dataset!r}; check the data.dataset path")
-        return files
-    if dataset.endswith(LOCAL_SUFFIXES) or dataset.startswith((".", "/", "~")):
-        raise UserError(f"dataset file {dataset!r} does not exist; check the data.dataset path")
-    return None
-
-
-def _read_utf8(path: Path) -> str:
-    try:
-        return path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise UserError(f"{path}:{line} is not UTF-8 text (byte {e.start}: {e.reason}); convert the file to UTF-8 "
-                        f"(e.g. iconv -f latin1 -t utf-8) or drop that file") from None
-
-
-def _text(value, where: str) -> str | None:
-    """A record's text field: a string, or None (null: no document, skipped); anything else is an error."""
-    if value is None or isinstance(value, str):
-        return value
-    raise UserError(f"{where}: the text field holds {type(value).__name__} {str(value)[:40]!r}, not a string; "
-                    f"fix the data or point data.text_field at the text")
-
-
-def _read_txt(path: Path) -> list[str]:
-    text = _read_utf8(path)
-    docs, cur = [], []
-    for line in text.splitlines():
-        if line.strip():
-            cur.append(line)
-        elif cur:
-            docs.append("\n".join(cur))
-            cur = []
-    if cur:
-        docs.append("\n".join(cur))
-    return docs
-
-
-def _read_jsonl(path: Path, text_field: str) -> list[str]:
-    docs = []
-    for n, line in enumerate(_read_utf8(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{n} is not valid JSON ({e.msg}); fix or remove that line") from None
-        if not isinstance(row, dict):
-            raise UserError(f"{path}:{n} is a JSON {type(row).__name__}, not an object with a {text_field!r} field; "
-                            f"write one object per line")
-        if text_field not in row:
-            raise UserError(
-                f"{path}:{n} has no field {text_field!r} (fields: {', '.join(row)}); set data.text_field"
-            )
-        docs.append(_text(row[text_field], f"{path}:{n}"))
-    return _drop_nulls(docs, path)
-
-
-def _drop_nulls(docs: list, where) -> list[str]:
-    """The documents without the null text fields, which are counted in a warning."""
-    nulls = sum(d is None for d in docs)
-    if nulls:
-        warnings.warn(f"{where}: {nulls} record(s) with a null text field skipped", stacklevel=3)
-    return [d for d in docs if d is not None]
-
-
-def _read_parquet(path: Path, text_field: str) -> list[str]:
-    import pyarrow.parquet as pq  # lazy: only for .parquet sources
-
-    table = pq.read_table(path)
-    if text_field not in table.column_names:
-        raise UserError(
-            f"{path} has no column {text_field!r} (columns: {', '.join(table.column_names)}); set data.text_field"
-        )
-    rows = table.column(text_field).to_pylist()
-    return _drop_nulls([_text(x, f"{path} row {i}") for i, x in enumerate(rows)], path)
 
 
 def load_texts(
@@ -144,54 +44,22 @@ def load_texts(
     split: str = "train",
     text_field: str = "text",
     max_samples: int | None = None,
+    bad_records: str = "error",
+    **split_rules,
 ) -> list[str]:
-    """Return the documents of ``dataset`` / ``split`` as a list of strings, in order.
+    """The documents of ``dataset`` / ``split`` as a list of strings, in order (small corpora,
+    scripts and tests; commands stream them into a token store instead, ``moedistill.store``).
 
-    ``dataset`` is ``"tiny"`` (the embedded corpus), a local file / directory / glob, or a
-    Hugging Face dataset name (loaded with ``datasets.load_dataset``). ``max_samples``
-    keeps the first N documents. Empty documents are skipped. An empty result is an error.
+    ``dataset`` is ``"tiny"`` (the embedded corpus), a local file / directory / glob, a
+    ``datasets.save_to_disk`` directory or a Hugging Face dataset name; ``split_rules`` are
+    ``resolve_split``'s (``splits``, ``eval_fraction``, ...). An empty result is an error.
     """
-    files = _resolve_local(dataset, split)
-    if files is not None:
-        docs: list[str] = []
-        for f in files:
-            if f.suffix == ".txt":
-                docs += _read_txt(f)
-            elif f.suffix in (".jsonl", ".json"):
-                docs += _read_jsonl(f, text_field)
-            elif f.suffix == ".parquet":
-                docs += _read_parquet(f, text_field)
-            else:
-                raise UserError(f"unsupported file type {f.suffix!r} for {f}; use .txt, .jsonl or .parquet")
-    else:
-        docs = _load_hub(dataset, dataset_config, split, text_field, max_samples)
-    docs = [d for d in docs if d.strip()]
-    if max_samples is not None:
-        docs = docs[:max_samples]
+    source = resolve_split(dataset, split, dataset_config=dataset_config, text_field=text_field,
+                           max_samples=max_samples, bad_records=bad_records, **split_rules)
+    docs = list(source.documents())
     if not docs:
         raise UserError(f"dataset {dataset!r} split {split!r} holds no text; point data.dataset at non-empty data")
     return docs
-
-
-def _load_hub(dataset: str, config: str | None, split: str, text_field: str, max_samples: int | None) -> list[str]:
-    import datasets  # lazy: only for hub datasets (slow to import)
-
-    sel = split if max_samples is None else f"{split}[:{max_samples}]"
-    try:
-        ds = datasets.load_dataset(dataset, config, split=sel)
-    except ValueError as e:  # unknown split
-        raise UserError(f"dataset {dataset!r}: {str(e).splitlines()[0]}; check data.split") from None
-    except Exception as e:  # noqa: BLE001 - datasets raises many types for "not found / offline"
-        raise UserError(
-            f"cannot load dataset {dataset!r} (config {config!r}): {type(e).__name__}: "
-            f"{str(e).splitlines()[0] if str(e) else ''}; check the name, or use a local .txt/.jsonl/.parquet path"
-        ) from None
-    if text_field not in ds.column_names:
-        raise UserError(
-            f"dataset {dataset!r} has no column {text_field!r} (columns: {', '.join(ds.column_names)}); "
-            "set data.text_field"
-        )
-    return _drop_nulls([_text(x, f"dataset {dataset!r} row {i}") for i, x in enumerate(ds[text_field])], dataset)
 
 
 # --------------------------------------------------------------------------- packing
@@ -225,11 +93,12 @@ def pack(token_lists: Iterable[Sequence[int]], seq_len: int, eos_id: int) -> np.
 class PackedData:
     """Packed blocks plus the fingerprints that bind a cache to them."""
 
-    blocks: np.ndarray  # int32 [n, seq_len]
+    blocks: np.ndarray  # [n, seq_len]: int32 in memory, or a token store's memory-mapped uint16/uint32
     seq_len: int
-    stream_hash: str
+    stream_hash: str  # fingerprints.stream_hash(blocks): what a cache records as its data fingerprint
     tokenizer_hash: str
     source: str  # human-readable description
+    store: str | None = None  # the token store's directory, if the blocks are its
 
     @property
     def fingerprint(self) -> str:
@@ -258,21 +127,25 @@ def prepare(
     text_field: str = "text",
     max_samples: int | None = None,
     max_sequences: int | None = None,
+    bad_records: str = "error",
+    **split_rules,
 ) -> PackedData:
-    """Load, tokenise and pack; ``max_sequences`` keeps the first N blocks."""
-    texts = load_texts(
-        dataset, dataset_config=dataset_config, split=split, text_field=text_field, max_samples=max_samples
-    )
-    if max_sequences is None:
-        token_lists = tokenize(texts, tokenizer)
-    else:  # tokenise only as many documents as the first max_sequences blocks need
-        need, have, token_lists = max_sequences * seq_len, 0, []
-        for i in range(0, len(texts), 256):
-            chunk = tokenize(texts[i : i + 256], tokenizer)
-            token_lists += chunk
-            have += sum(len(t) + 1 for t in chunk)
-            if have >= need:
-                break
+    """Load, tokenise and pack in memory; ``max_sequences`` keeps the first N blocks (and tokenises
+    only the documents they need). The commands use the token store instead (``moedistill.store``),
+    whose blocks are these."""
+    source = resolve_split(dataset, split, dataset_config=dataset_config, text_field=text_field,
+                           max_samples=max_samples, bad_records=bad_records, **split_rules)
+    docs, token_lists, have = source.documents(), [], 0
+    need = None if max_sequences is None else max_sequences * seq_len
+    while need is None or have < need:
+        chunk = list(itertools.islice(docs, 256))
+        if not chunk:
+            break
+        ids = tokenize(chunk, tokenizer)
+        token_lists += ids
+        have += sum(len(t) + 1 for t in ids)
+    if not token_lists:
+        raise UserError(f"dataset {dataset!r} split {split!r} holds no text; point data.dataset at non-empty data")
     blocks = pack(token_lists, seq_len, eos_id_of(tokenizer))
     if max_sequences is not None:
         blocks = blocks[:max_sequences]
@@ -286,8 +159,16 @@ def prepare(
         seq_len=seq_len,
         stream_hash=stream_hash(blocks),
         tokenizer_hash=tokenizer_hash(tokenizer),
-        source=f"{dataset}:{dataset_config or ''}:{split}",
+        source=source.description,
     )
+
+
+def from_store(store, tokenizer_fp: str, max_sequences: int | None = None) -> PackedData:
+    """The first ``max_sequences`` blocks of a ``moedistill.store.TokenStore`` (all if None) as
+    ``PackedData``: a memory-mapped view (uint16/uint32, zero-copy), no tokenising."""
+    n = store.num_blocks if max_sequences is None else min(max_sequences, store.num_blocks)
+    return PackedData(blocks=store.blocks[:n], seq_len=store.seq_len, stream_hash=store.stream_hash(n),
+                      tokenizer_hash=tokenizer_fp, source=store.manifest["source"], store=str(store.path))
 
 
 def shifted_labels(input_ids):

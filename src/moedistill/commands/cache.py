@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
+from moedistill.cache.generate import _check_existing as check_existing
 from moedistill.cache.generate import cache_identity, generate_cache, report_complete
 from moedistill.cache.layout import MANIFEST, identity_diff, load_manifest, manifest_identity
 from moedistill.cache.reader import verify_shards
 from moedistill.commands import common  # called qualified, so patching common.X reaches every verb
 from moedistill.config import Config
-from moedistill.fingerprints import config_fingerprint
+from moedistill.fingerprints import config_fingerprint, tokenizer_hash
 from moedistill.integrity import check_context
 from moedistill.models import config_or_none
 
@@ -48,8 +50,11 @@ def generate_from_config(cfg: Config, split: str | None = None) -> Path:
     out = cache_dir(cfg, split)
     tokenizer = common.teacher_tokenizer(cfg)
     _check_teacher_context(cfg)
-    packed = common.prepare_split(cfg, tokenizer, split, max_sequences)
     kwargs = _generate_kwargs(cfg)
+    packed = common.open_split(cfg, tokenizer, split, max_sequences)  # the token store, if built already
+    if packed is None:  # a cache of another configuration is refused before the store is built for it
+        _refuse_other_cache(out, cfg, tokenizer, kwargs)
+        packed = common.prepare_split(cfg, tokenizer, split, max_sequences)
     if not cfg.cache.overwrite and _reusable(out, cfg, packed, kwargs):
         return out
     teacher, _ = common.load_teacher(cfg, with_tokenizer=False)
@@ -98,6 +103,26 @@ def _reusable(out: Path, cfg: Config, packed, kwargs: dict) -> bool:
     verify_shards(out, manifest, checksums=False)
     report_complete(out)
     return True
+
+
+def _refuse_other_cache(out: Path, cfg: Config, tokenizer, kwargs: dict) -> None:
+    """The refusal ``generate_cache`` would give a cache in ``out`` that differs from this run in
+    anything but the data (teacher, tokenizer, seq_len, mode, k, ...), given before the token
+    store is built, so that a refused command writes nothing. Same data is assumed here; the
+    data itself is checked once the store exists."""
+    if cfg.cache.overwrite or not (out / MANIFEST).is_file():
+        return
+    try:
+        config = config_or_none(cfg.teacher.name, cfg.teacher.trust_remote_code)
+        manifest = load_manifest(out)
+        n, L = int(manifest["num_sequences"]), int(cfg.data.seq_len)
+        stub = SimpleNamespace(seq_len=L, blocks=SimpleNamespace(shape=(n, L), size=n * L),
+                               tokenizer_hash=tokenizer_hash(tokenizer), stream_hash=manifest["fingerprints"]["data"])
+        want = cache_identity(stub, vocab_size=int(config.vocab_size), teacher_fp=config_fingerprint(config),
+                              **{k: kwargs[k] for k in _IDENTITY_ARGS})
+    except Exception:  # noqa: BLE001 - any doubt: generate_cache checks it properly once the data is there
+        return
+    check_existing(out, want, overwrite=False)
 
 
 def _default_device() -> torch.device:
