@@ -62,12 +62,13 @@ class Source:
     holdout: tuple[float, str] | None = None
     max_samples: int | None = None
     bad_records: str = "error"
+    shown: str | None = None  # the dataset as the user named it, when ``name`` is what it resolved to
     skipped: Counter = field(default_factory=Counter)  # counted by documents() in skip mode
 
     @property
     def description(self) -> str:
         held = f" ({self.holdout[1]} side of eval_fraction={self.holdout[0]})" if self.holdout else ""
-        return f"{self.name}:{self.config or ''}:{self.split}{held}"
+        return f"{self.shown or self.name}:{self.config or ''}:{self.split}{held}"
 
     def identity(self) -> dict:
         """What the documents depend on, for the token store's fingerprint: the settings and,
@@ -297,6 +298,7 @@ def resolve_split(
         files, _ = _files_of(str(splits[split]), f"data.splits.{split}")
         return Source("files", str(splits[split]), split, files=_check_files(files, splits[split]),
                       holdout=holdout, **common)
+    shown = dataset
     if dataset in ("tiny", "embedded"):
         dataset = str(EMBEDDED_CORPUS)
     if not _is_local(dataset):
@@ -312,7 +314,7 @@ def resolve_split(
             have = sorted({f.stem for f in files})
             raise UserError(f"no '{split}' split in {p} (found splits: {', '.join(have) or 'none'}); "
                             f"set data.split / data.eval_split to one of them")
-        return Source("files", str(p), split, files=named, holdout=holdout, **common)
+        return Source("files", str(p), split, files=named, holdout=holdout, shown=shown, **common)
     if split != train_split:
         what = "a glob" if not p.exists() else "one file"
         raise UserError(

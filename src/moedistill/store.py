@@ -82,6 +82,20 @@ def blocks_hash(tokens: np.ndarray, n_blocks: int, seq_len: int) -> str:
     return h.hexdigest()
 
 
+def _file_blocks_hash(path: Path, dtype: np.dtype, n_blocks: int, seq_len: int) -> str:
+    """:func:`blocks_hash` read from the file in chunks (a memory map would leave the whole file's
+    pages in this process's RSS)."""
+    h = hashlib.sha256()
+    h.update(str((n_blocks, seq_len)).encode())
+    left = n_blocks * seq_len
+    with open(path, "rb") as f:
+        while left:
+            chunk = np.fromfile(f, dtype=dtype, count=min(HASH_CHUNK, left))
+            h.update(chunk.astype("<i4").tobytes())
+            left -= len(chunk)
+    return h.hexdigest()
+
+
 def store_fingerprint(source: Source, tokenizer, seq_len: int) -> str:
     """sha256 of what the store's tokens depend on (the module docstring); no data is read."""
     payload = {"format": FORMAT, "version": VERSION, "source": source.identity(),
@@ -246,7 +260,7 @@ def build_store(path, source: Source, tokenizer, *, seq_len: int, eos_id: int, f
 
         def emit(arr: np.ndarray, count: int):
             nonlocal n_docs, n_tokens, last_save, new_tokens
-            f.write(arr.tobytes())
+            f.write(memoryview(arr))
             n_docs += count
             n_tokens += len(arr)
             new_tokens += len(arr)
@@ -296,7 +310,6 @@ def build_store(path, source: Source, tokenizer, *, seq_len: int, eos_id: int, f
         shutil.rmtree(part, ignore_errors=True)
         raise UserError(f"dataset {source.name!r} split {source.split!r} yields no full block of seq_len={seq_len} "
                         f"tokens ({n_tokens:,} tokens); lower data.seq_len or add data")
-    tokens = np.memmap(tok_file, dtype=dtype, mode="r", shape=(n_tokens,))
     with disk_full_as_error(part / INDEX):
         np.save(part / INDEX, np.arange(n_blocks, dtype=np.int64) * seq_len)
     manifest = {
@@ -307,12 +320,11 @@ def build_store(path, source: Source, tokenizer, *, seq_len: int, eos_id: int, f
         "num_documents": n_docs, "num_tokens": n_tokens, "num_blocks": n_blocks,
         "dropped_tail_tokens": n_tokens - n_blocks * seq_len,
         "skipped_records": dict(source.skipped),  # a resumed build re-read the documents before its resume point
-        "stream_hash": blocks_hash(tokens, n_blocks, seq_len),
+        "stream_hash": _file_blocks_hash(tok_file, dtype, n_blocks, seq_len),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(time.time() - started, 3),
         "complete": True,
     }
-    del tokens
     (part / PROGRESS).unlink(missing_ok=True)
     atomic_write_json(part / MANIFEST, manifest)
     replace_dir(part, path)
