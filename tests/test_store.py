@@ -80,6 +80,20 @@ def test_store_is_reused_and_rebuilt_only_when_its_inputs_change(tmp_path, tiny_
     np.testing.assert_array_equal(edited.blocks, _reference(tiny_tokenizer, ["In the end."], 4))
 
 
+def test_commands_map_one_store_per_split_and_tokenise_it_once(tmp_path, tiny_tokenizer, caplog):
+    from moedistill.commands import common
+    from moedistill.config import load_config
+
+    caplog.set_level(logging.INFO, logger="moedistill.store")
+    cfg = load_config("tiny", [f"output_dir={tmp_path}"])
+    assert common.open_split(cfg, tiny_tokenizer, "validation") is None and not (tmp_path / "data").exists()
+    first = common.prepare_split(cfg, tiny_tokenizer, "validation", max_sequences=10)  # e.g. compress's report
+    again = common.prepare_split(cfg, tiny_tokenizer, "validation")  # e.g. eval, later
+    assert _builds(caplog) == 1 and isinstance(again.blocks, np.memmap)  # mapped, not read into memory
+    np.testing.assert_array_equal(first.blocks, again.blocks[:10])
+    assert common.open_split(cfg, tiny_tokenizer, "validation", 10).stream_hash == first.stream_hash
+
+
 def test_kill_9_during_prepare_resumes_to_the_same_store(tmp_path, tiny_tokenizer, caplog):
     docs = load_texts("tiny", split="train")
     corpus = tmp_path / "big.txt"
