@@ -13,7 +13,7 @@ Split rules (explicit, so that evaluation never reads training data by accident)
 - a ``save_to_disk`` directory: the split of its ``DatasetDict``; a single saved ``Dataset`` is the
   train split only.
 - one file or a glob: the train split (``data.split``) only. Another split is named in
-  ``data.splits`` (``{validation: path/or/glob}``) or carved out of the train split with
+  ``data.splits`` (``++data.splits='{train: a.txt, validation: b.txt}'``) or carved out of the train split with
   ``data.eval_fraction``: a document is held out when the hash of its text falls below the
   fraction, so the choice is deterministic and a repeated document is on one side only.
 - a Hugging Face dataset: the split as the dataset names it.
@@ -294,7 +294,7 @@ def resolve_split(
     if splits:
         if split not in splits:
             raise UserError(f"data.splits names no {split!r} split (it names: {', '.join(splits)}); "
-                            f"add one, e.g. data.splits.{split}=path/to/{split}.jsonl")
+                            f"add one, e.g. +data.splits.{split}=path/to/{split}.jsonl")
         files, _ = _files_of(str(splits[split]), f"data.splits.{split}")
         return Source("files", str(splits[split]), split, files=_check_files(files, splits[split]),
                       holdout=holdout, **common)
@@ -319,7 +319,7 @@ def resolve_split(
         what = "a glob" if not p.exists() else "one file"
         raise UserError(
             f"data.dataset={dataset} is {what}, which is the {train_split!r} split only, so it has no {split!r} split; "
-            f"name one with data.splits='{{{train_split}: {dataset}, {split}: path/to/{split}.txt}}', or hold out "
+            f"name one with ++data.splits='{{{train_split}: {dataset}, {split}: path/to/{split}.txt}}', or hold out "
             f"a fraction of its documents with data.eval_fraction=0.01"
         )
     return Source("files", dataset, split, files=_check_files(files, dataset), holdout=holdout, **common)
