@@ -38,7 +38,9 @@ import json
 import logging
 import multiprocessing
 import os
+import queue
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -221,6 +223,44 @@ def _batches(docs, batch_chars: int):
         yield batch
 
 
+def _read_ahead(batches, depth: int = 2):
+    """``batches``, read by a thread up to ``depth`` batches ahead: the fast tokenizer releases the
+    GIL while it encodes, so reading the next documents costs no time of its own. An error
+    of the reader (bad data) is raised here, in the caller's thread."""
+    q: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def run():
+        try:
+            for b in batches:
+                if not put(b):
+                    return
+            put(end)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            put(e)
+
+    t = threading.Thread(target=run, name="moedistill-read-ahead", daemon=True)
+    t.start()
+    try:
+        while (item := q.get()) is not end:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        t.join()
+
+
 def default_workers(source: Source) -> int:
     """Worker processes when ``data.prepare_workers`` is null: none for local data under 32 MB
     (starting processes would cost more than they save), else one per core, at most 8."""
@@ -288,7 +328,7 @@ def build_store(path, source: Source, tokenizer, *, seq_len: int, eos_id: int, f
                     emit(r.get(), count)
             else:
                 tok = _backend(tokenizer)
-                for batch in _batches(docs, BATCH_CHARS):
+                for batch in _read_ahead(_batches(docs, BATCH_CHARS)):
                     emit(_encode(tok, batch, eos_id, dtype), len(batch))
         except UserError:  # bad data: nothing to resume once the data is fixed (the fingerprint changes)
             f.close()
