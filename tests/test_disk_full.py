@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -73,7 +74,14 @@ def pages(*paths: Path) -> int:
     return n
 
 
+# the token stores (data.store) live off the small disks: these tests fill the disk at a chosen
+# write (a cache shard, checkpoint-0, a checkpoint), which the store's tokens.bin would reach first
+STORE = Path(tempfile.mkdtemp(prefix="moedistill-store-"))
+
+
 def cli(*argv, driver: str | None = None) -> subprocess.CompletedProcess:
+    if argv and argv[0] in ("compress", "cache", "train", "run", "eval", "prepare"):
+        argv = (*argv, f"data.store={STORE}")
     cmd = [sys.executable, *(["-c", driver] if driver else ["-m", "moedistill.cli"]), *argv]
     return subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
 
