@@ -43,6 +43,7 @@ LOCAL_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 BAD_RECORDS = ("error", "skip")
 _SAVED_MARKERS = ("dataset_dict.json", "state.json")  # what datasets.save_to_disk writes
 _BATCH = 1024  # rows per batch read from parquet / Arrow
+_CHUNK_BYTES = 1 << 20  # bytes per piece read from a .txt / .jsonl file
 
 
 @dataclass
@@ -130,50 +131,80 @@ class Source:
         else:
             yield from self._read_hub()
 
-    def _lines(self, path: Path) -> Iterator[tuple[int, str]]:
-        """``(line number, text)`` of each line, decoded one line at a time (a ``\\n`` byte is never
-        inside a UTF-8 sequence), split further as ``str.splitlines`` splits."""
+    def _chunks(self, path: Path) -> Iterator[tuple[int, bytes]]:
+        """``(lines before it, bytes)`` of the file in pieces of about 1 MiB, each ending after a
+        ``\\n`` byte (never inside a UTF-8 sequence, a line or a ``\\r\\n``)."""
         with open(path, "rb") as f:
-            for n, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    self._bad("non-UTF-8 line", f"{path}:{n} is not UTF-8 text (byte {e.start} of the line: "
-                                                f"{e.reason}); convert the file (e.g. iconv -f latin1 -t utf-8)")
-                    continue
-                for part in line.splitlines() or [""]:
-                    yield n, part
+            before, rest = 0, b""
+            while block := f.read(_CHUNK_BYTES):
+                block = rest + block
+                cut = block.rfind(b"\n") + 1
+                rest, block = block[cut:], block[:cut]
+                if block:
+                    yield before, block
+                    before += block.count(b"\n")
+            if rest:
+                yield before, rest
+
+    def _lines_of(self, path: Path, before: int, block: bytes, split_all: bool) -> list[tuple[int, str]]:
+        """The lines of a chunk that does not decode, one by one: the bad ones reported with their line
+        number (or skipped and counted), the others split as the fast path splits them."""
+        out, n = [], before + 1
+        for raw in block.splitlines(keepends=True):  # with the terminators: blank lines stay lines
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                self._bad("non-UTF-8 line", f"{path}:{n} is not UTF-8 text (byte {e.start} of the line: "
+                                            f"{e.reason}); convert the file (e.g. iconv -f latin1 -t utf-8)")
+                line = None
+            if line is not None:
+                out += [(n, part) for part in ((line.splitlines() or [""]) if split_all else [line])]
+            n += raw.endswith(b"\n")
+        return out
 
     def _read_txt(self, path: Path) -> Iterator[str]:
+        # lines as str.splitlines splits the whole text (chunks end after a line break, so
+        # splitting each chunk gives the same lines)
         cur: list[str] = []
-        for _, line in self._lines(path):
-            if line.strip():
-                cur.append(line)
-            elif cur:
-                yield "\n".join(cur)
-                cur = []
+        for before, block in self._chunks(path):
+            try:
+                lines = block.decode("utf-8").splitlines()
+            except UnicodeDecodeError:
+                lines = [line for _, line in self._lines_of(path, before, block, split_all=True)]
+            for line in lines:
+                if line.strip():
+                    cur.append(line)
+                elif cur:
+                    yield "\n".join(cur)
+                    cur = []
         if cur:
             yield "\n".join(cur)
 
     def _read_jsonl(self, path: Path) -> Iterator[str]:
-        for n, line in self._lines(path):
-            if not line.strip():
-                continue
+        # one record per "\n"-separated line (a U+2028 inside a JSON string does not split it)
+        for before, block in self._chunks(path):
             try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                self._bad("invalid JSON", f"{path}:{n} is not valid JSON ({e.msg})")
-                continue
-            if not isinstance(row, dict):
-                self._bad("non-object JSON", f"{path}:{n} is a JSON {type(row).__name__}, not an object with a "
-                                             f"{self.text_field!r} field (write one object per line)")
-                continue
-            if self.text_field not in row:
-                raise UserError(f"{path}:{n} has no field {self.text_field!r} (fields: {', '.join(row)}); "
-                                f"set data.text_field")
-            text = self._text(row[self.text_field], f"{path}:{n}")
-            if text is not None:
-                yield text
+                numbered = enumerate(block.decode("utf-8").split("\n"), before + 1)
+            except UnicodeDecodeError:
+                numbered = self._lines_of(path, before, block, split_all=False)
+            for n, line in numbered:
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    self._bad("invalid JSON", f"{path}:{n} is not valid JSON ({e.msg})")
+                    continue
+                if not isinstance(row, dict):
+                    self._bad("non-object JSON", f"{path}:{n} is a JSON {type(row).__name__}, not an object with a "
+                                                 f"{self.text_field!r} field (write one object per line)")
+                    continue
+                if self.text_field not in row:
+                    raise UserError(f"{path}:{n} has no field {self.text_field!r} (fields: {', '.join(row)}); "
+                                    f"set data.text_field")
+                text = self._text(row[self.text_field], f"{path}:{n}")
+                if text is not None:
+                    yield text
 
     def _read_parquet(self, path: Path) -> Iterator[str]:
         import pyarrow.parquet as pq  # lazy: only for .parquet sources
