@@ -236,3 +236,26 @@ def test_prepare_command_bad_data_is_one_line_and_leaves_no_store(tmp_path, caps
                  "data.bad_records=skip", "data.seq_len=2"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["train"]["skipped_records"] == {"null text": 1} and summary["train"]["num_documents"] == 1
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 64, 1 << 20])
+def test_txt_documents_are_those_of_splitlines_over_the_whole_file(tmp_path, monkeypatch, chunk):
+    """Reading in pieces gives the documents of the whole-file reading that earlier caches were made from."""
+    import moedistill.sources as sources
+
+    def whole_file(text):
+        docs, cur = [], []
+        for line in text.splitlines():
+            if line.strip():
+                cur.append(line)
+            elif cur:
+                docs.append("\n".join(cur))
+                cur = []
+        return docs + (["\n".join(cur)] if cur else [])
+
+    monkeypatch.setattr(sources, "_CHUNK_BYTES", chunk)
+    cases = ["a\nb\n\nc\n", "a\r\nb\r\n\r\nc", "a\x0cb\n\n\nc\u2028d\n\n", "x\r\ry\n\rz", "é\nü\n\nß" * 20]
+    for i, text in enumerate(cases):
+        p = tmp_path / f"{i}.txt"
+        p.write_bytes(text.encode())
+        assert list(resolve_split(str(p), "train").documents()) == whole_file(text), text
