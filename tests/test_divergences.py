@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_losses import make_batch, sample_targets
+from test_losses import assert_matches, make_batch, sample_targets, value_and_grad
 
 from moedistill.errors import UserError
 from moedistill.losses import (
@@ -130,21 +130,6 @@ def dense_reference(logits, teacher_logits, labels, *, divergence_name, beta, al
     ce = F.cross_entropy(z, labels.reshape(-1)[mask], reduction="mean")
     d = divergence(divergence_name, beta, q, F.softmax(z / T, -1)).mean()
     return (1 - alpha) * ce + alpha * T * T * d, ce, d
-
-
-def value_and_grad(fn, logits):
-    x = logits.detach().clone().requires_grad_(True)
-    out = fn(x)
-    out[0].backward()
-    return [float(v.detach()) for v in out], x.grad
-
-
-def assert_matches(ours, ref, logits, rtol=1e-4):
-    (v1, g1), (v2, g2) = value_and_grad(ours, logits), value_and_grad(ref, logits.double())
-    for a, b in zip(v1, v2):
-        assert a == pytest.approx(b, rel=rtol, abs=1e-6)
-    scale = g2.abs().max().item() + 1e-12
-    assert (g1.double() - g2).abs().max().item() <= rtol * scale + 1e-9
 
 
 def sparse_inputs(tail, k=8, seed=0, V=40, mask_frac=0.3, n_draws=40):

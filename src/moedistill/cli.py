@@ -110,10 +110,10 @@ def expand_sweep(overrides: list[str]) -> list[list[str]]:
 
 # what each shared artefact of a sweep depends on (config key prefixes): a sweep that varies
 # none of them reuses the base output_dir's artefact at every point
-SHARED_ARTIFACTS = {
-    "compress.dir": ("teacher.", "compress.", "data.", "seed", "cache.batch_size", "eval.batch_size"),
-    "cache.root": ("teacher.", "cache.", "data.", "seed"),
-    "data.store": ("teacher.", "data."),
+SHARED_ARTIFACTS = {  # config key -> (its directory under the base output_dir, what it depends on)
+    "compress.dir": ("compressed", ("teacher.", "compress.", "data.", "seed", "cache.batch_size", "eval.batch_size")),
+    "cache.root": ("cache", ("teacher.", "cache.", "data.", "seed")),
+    "data.store": ("data", ("teacher.", "data.")),
 }
 
 
@@ -129,11 +129,10 @@ def share_artifacts(cfg, base: str, swept: set[str]) -> None:
     at the base output_dir's when the sweep varies nothing they depend on, so that a sweep over
     e.g. ``loss.alpha`` compresses the teacher and runs it over the data once, not per point.
     A setting the user gave explicitly is kept."""
-    for key, inputs in SHARED_ARTIFACTS.items():
+    for key, (dirname, inputs) in SHARED_ARTIFACTS.items():
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) is None and not any(k.startswith(inputs) for k in swept):
-            folder = {"compress": "compressed", "cache": "cache", "data": "data"}[section]
-            setattr(getattr(cfg, section), name, str(Path(base) / folder))
+            setattr(getattr(cfg, section), name, str(Path(base) / dirname))
 
 
 def sweep_dir_name(overrides: list[str], swept: set[str] | None = None) -> str:

@@ -213,13 +213,8 @@ class Source:
         if self.text_field not in pf.schema_arrow.names:
             raise UserError(f"{path} has no column {self.text_field!r} (columns: {', '.join(pf.schema_arrow.names)}); "
                             f"set data.text_field")
-        row = 0
-        for batch in pf.iter_batches(batch_size=_BATCH, columns=[self.text_field]):
-            for value in batch.column(0).to_pylist():
-                text = self._text(value, f"{path} row {row}")
-                row += 1
-                if text is not None:
-                    yield text
+        batches = (b.column(0).to_pylist() for b in pf.iter_batches(batch_size=_BATCH, columns=[self.text_field]))
+        yield from self._column_texts(batches, str(path))
 
     def _read_saved(self) -> Iterator[str]:
         import datasets  # lazy: slow to import
@@ -230,10 +225,15 @@ class Source:
         if self.text_field not in ds.column_names:
             raise UserError(f"{self.name} has no column {self.text_field!r} (columns: {', '.join(ds.column_names)}); "
                             f"set data.text_field")
+        batches = (b[self.text_field] for b in ds.select_columns([self.text_field]).iter(batch_size=_BATCH))
+        yield from self._column_texts(batches, f"{self.name} ({self.split})")
+
+    def _column_texts(self, batches, where: str) -> Iterator[str]:
+        """The texts of a column read in batches of values, rows numbered from 0 in messages."""
         row = 0
-        for batch in ds.select_columns([self.text_field]).iter(batch_size=_BATCH):
-            for value in batch[self.text_field]:
-                text = self._text(value, f"{self.name} ({self.split}) row {row}")
+        for values in batches:
+            for value in values:
+                text = self._text(value, f"{where} row {row}")
                 row += 1
                 if text is not None:
                     yield text

@@ -535,8 +535,7 @@ def _report_globally(trainer, st: Stage, run_dir: Path, purge_step: int | None) 
         if isinstance(cb, TensorBoardCallback) and not os.environ.get("TENSORBOARD_LOGGING_DIR"):
             cb.logging_dir = str(run_dir / TENSORBOARD_DIR)
         if isinstance(cb, TensorBoardCallback) and purge_step is not None and trainer.is_world_process_zero():
-            cb.tb_writer = cb._SummaryWriter(log_dir=cb.logging_dir or str(run_dir / TENSORBOARD_DIR),
-                                             purge_step=purge_step)
+            cb.tb_writer = cb._SummaryWriter(log_dir=cb.logging_dir, purge_step=purge_step)
         handler.callbacks[i] = _GlobalSteps(cb, st.start_step)
 
 

@@ -173,14 +173,14 @@ class _GroupedLowRank(torch.autograd.Function):
                 t = F.linear(seg, A[e])  # [n_e, r]
                 ts.append(t)
                 ys.append(F.linear(t, B[e]))
-        if not ys:  # no routed rows at all
+        if ys:
+            t, y = torch.cat(ts), torch.cat(ys)
+        else:  # no routed rows at all
             dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-            ctx.save_for_backward(x, B, A, x.new_zeros(0, A.shape[1], dtype=dt))
-            ctx.counts = counts
-            return x.new_zeros(0, B.shape[1], dtype=dt)
-        ctx.save_for_backward(x, B, A, torch.cat(ts))
+            t, y = x.new_zeros(0, A.shape[1], dtype=dt), x.new_zeros(0, B.shape[1], dtype=dt)
+        ctx.save_for_backward(x, B, A, t)
         ctx.counts = counts
-        return torch.cat(ys)
+        return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
