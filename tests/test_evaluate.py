@@ -1,6 +1,8 @@
 """Evaluation metrics against independent computations."""
 
+import gc
 import math
+import weakref
 
 import numpy as np
 import pytest
@@ -8,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from moedistill.errors import UserError
-from moedistill.evaluate import _kl_sparse, evaluate_model
+from moedistill.evaluate import evaluate_model, evaluate_models
+from moedistill.losses import position_stats
 from moedistill.targets import TopKTargets
 
 
@@ -54,13 +57,102 @@ def test_kl_against_other_model_matches_dense_reference():
 def test_sparse_kl_with_all_ids_equals_full_kl_and_is_lower_bound_for_topk():
     g = torch.Generator().manual_seed(0)
     t = F.log_softmax(torch.randn(5, 50, generator=g) * 2, -1)
-    s = F.log_softmax(torch.randn(5, 50, generator=g) * 2, -1)
+    z = torch.randn(5, 50, generator=g) * 2
+    s = F.log_softmax(z, -1)
     full = (t.exp() * (t - s)).sum(-1)
+    labels = torch.zeros(5, dtype=torch.long)
     ids = torch.arange(50).expand(5, 50)
-    torch.testing.assert_close(_kl_sparse(TopKTargets(ids, t), s), full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(position_stats(z, labels, TopKTargets(ids, t)).kl, full, atol=1e-5, rtol=1e-5)
     top_lp, top_ids = t.topk(8, -1)
-    part = _kl_sparse(TopKTargets(top_ids, top_lp), s)
+    part = position_stats(z, labels, TopKTargets(top_ids, top_lp)).kl
     assert torch.all(part <= full + 1e-6) and torch.all(part >= 0)
+
+
+class _LogitsOnly(torch.nn.Module):
+    """A model whose output layer evaluation cannot see: it takes the logits path."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, **kw):
+        return self.model(input_ids=input_ids, **kw)
+
+
+def _reference(student, x, ece_bins, teacher=None, k=None):
+    """Every metric from full float64 log-softmaxes (the pre-chunking definition, written plainly)."""
+    with torch.no_grad():
+        s = F.log_softmax(student(input_ids=x).logits.double(), -1)[:, :-1].reshape(-1, 64)
+        t = F.log_softmax(teacher(input_ids=x).logits.double(), -1)[:, :-1].reshape(-1, 64)
+    y = x[:, 1:].reshape(-1)
+    conf, pred = s.max(-1)
+    conf = conf.exp()
+    bins = (conf * ece_bins).long().clamp(max=ece_bins - 1)
+    ece = sum(abs(((pred == y) & (bins == b)).sum().item() - conf[bins == b].sum().item())
+              for b in range(ece_bins)) / len(y)
+    out = {"ce": -s.gather(1, y[:, None]).mean().item(), "ece": ece, "tokens": len(y)}
+    if k is None:
+        out["kl_exact"] = (t.exp() * (t - s)).sum(-1).mean().item()
+        out["agreement"] = (t.argmax(-1) == pred).double().mean().item()
+    else:  # coarsened to the top-k ids + one bucket
+        lp, ids = t.topk(k, -1)
+        s_k = s.gather(1, ids)
+        q_rest, p_rest = 1 - lp.exp().sum(-1), 1 - s_k.exp().sum(-1)
+        kl = (lp.exp() * (lp - s_k)).sum(-1) + q_rest * (q_rest.log() - p_rest.log())
+        out["kl_lower_bound"] = kl.mean().item()
+        out["agreement"] = (ids[:, 0] == pred).double().mean().item()
+    out["perplexity"] = math.exp(out["ce"])
+    return out, (t[:, :k] if k else None)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_metrics_equal_a_float64_reference_online_and_from_topk_targets(fused):
+    student, teacher = _small_moe(0), _small_moe(1)
+    x = torch.randint(0, 64, (5, 12), generator=torch.Generator().manual_seed(5))
+    wrap = (lambda m: m) if fused else _LogitsOnly
+    ref, _ = _reference(student, x, 7, teacher=teacher)
+    # chunk_size 7: chunks cross the blocks' boundaries and skip their uncounted last positions
+    got = evaluate_model(wrap(student), x.numpy(), teacher=wrap(teacher), batch_size=2, ece_bins=7, chunk_size=7)
+    for key, value in ref.items():
+        assert math.isclose(got[key], value, rel_tol=1e-5, abs_tol=1e-6), (key, got[key], value)
+    with torch.no_grad():
+        t = F.log_softmax(teacher(input_ids=x).logits, -1)
+    lp, ids = t.topk(6, -1)
+    items = [{"target_ids": ids[i], "target_logprobs": lp[i]} for i in range(len(x))]
+    ref, _ = _reference(student, x, 7, teacher=teacher, k=6)
+    got = evaluate_model(wrap(student), x.numpy(), teacher_targets=items, batch_size=3, ece_bins=7, chunk_size=7)
+    for key, value in ref.items():
+        assert math.isclose(got[key], value, rel_tol=1e-5, abs_tol=1e-6), (key, got[key], value)
+
+
+def test_models_are_loaded_one_at_a_time_and_the_teacher_runs_once(tmp_path):
+    x = torch.randint(0, 64, (4, 10), generator=torch.Generator().manual_seed(6)).numpy()
+    calls, alive = [], []
+
+    def loader(seed):
+        def load():
+            gc.collect()
+            calls.append(seed)
+            assert all(r() is None for r in alive), "an earlier model is still in memory"
+            held = list(tmp_path.glob("moedistill-eval-*/*"))
+            if seed != 9:  # the teacher's final hidden states, one file per batch: H, not V, per position
+                assert len(held) == 2 and sum(f.stat().st_size for f in held) < 4 * 10 * 32 * 4 + 4096
+            m = _small_moe(seed)
+            alive.append(weakref.ref(m))
+            return m
+        return load
+
+    teacher = loader(9)
+    got = evaluate_models({"a": loader(0), "teacher": teacher, "b": loader(1)}, x, teacher=teacher, batch_size=3,
+                          work_dir=tmp_path)
+    assert calls == [9, 0, 1] and list(got) == ["a", "teacher", "b"]
+    assert not list(tmp_path.iterdir())  # the teacher's outputs are removed afterwards
+    t = _small_moe(9)
+    assert abs(got["teacher"]["kl_exact"]) < 1e-6 and got["teacher"]["agreement"] == 1.0
+    for name, seed in (("a", 0), ("b", 1)):
+        single = evaluate_model(_small_moe(seed), x, teacher=t, batch_size=3)
+        for key in ("perplexity", "kl_exact", "agreement", "ece", "expert_load", "parameters"):
+            assert got[name][key] == single[key], key
 
 
 def test_ece_by_hand():
@@ -70,7 +162,7 @@ def test_ece_by_hand():
             super().__init__()
             self.w = torch.nn.Parameter(torch.zeros(1))
 
-        def forward(self, input_ids):
+        def forward(self, input_ids, **kw):
             logit = math.log(0.8 / 0.2)
             z = torch.zeros(*input_ids.shape, 2)
             z[..., 0] = logit
@@ -79,18 +171,6 @@ def test_ece_by_hand():
     x = np.array([[0, 0, 1, 0, 1]])  # labels: 0 1 0 1 -> accuracy 0.5 at confidence 0.8
     m = evaluate_model(Fixed(), x, ece_bins=10)
     assert math.isclose(m["ece"], 0.3, rel_tol=1e-6)
-
-
-def test_evaluating_models_together_equals_one_at_a_time():
-    from moedistill.evaluate import evaluate_models
-
-    a, b, t = _small_moe(0), _small_moe(1), _small_moe(2)
-    x = torch.randint(0, 64, (4, 10), generator=torch.Generator().manual_seed(3)).numpy()
-    both = evaluate_models({"a": a, "b": b}, x, teacher=t, batch_size=3)
-    for name, m in (("a", a), ("b", b)):
-        single = evaluate_model(m, x, teacher=t, batch_size=3)
-        for key in ("perplexity", "kl_exact", "agreement", "ece"):
-            assert math.isclose(both[name][key], single[key], rel_tol=1e-9), key
 
 
 def test_damaged_weights_are_an_error_not_an_infinite_perplexity():

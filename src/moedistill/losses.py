@@ -121,7 +121,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from moedistill.errors import UserError
-from moedistill.targets import DenseTargets, SparseTargets, Targets
+from moedistill.targets import DenseTargets, HiddenTargets, SampledTargets, SparseTargets, Targets
 
 IGNORE_INDEX = -100
 TAIL_MODES = ("renormalize", "tail", "sample")
@@ -137,7 +137,7 @@ CPU_CHUNK_BYTES = 128 * 2**20
 __all__ = [
     "LossOutput", "teacher_loss", "distillation_loss", "dense_distillation_loss", "fused_linear_teacher_loss",
     "fused_linear_distillation_loss", "fused_linear_dense_distillation_loss", "check_divergence", "IGNORE_INDEX",
-    "TAIL_MODES", "DIVERGENCES", "DEFAULT_BETA",
+    "TAIL_MODES", "DIVERGENCES", "DEFAULT_BETA", "PositionStats", "position_stats",
 ]
 
 
@@ -274,7 +274,7 @@ def dense_distillation_loss(
             f"teacher logits {tuple(teacher_logits.shape)} differ from student logits "
             f"{tuple(student_logits.shape)}; teacher and student must share the vocabulary and positions"
         )
-    teacher = _DenseTeacher(teacher_logits.detach().reshape(-1, vocab), temperature, divergence, beta)
+    teacher = _DenseTeacher(_LogitsSource(teacher_logits.detach().reshape(-1, vocab)), temperature, divergence, beta)
     return _run(student_logits, flat, lab, teacher, alpha, temperature, num_items_in_batch, chunk_size)
 
 
@@ -361,7 +361,7 @@ def fused_linear_dense_distillation_loss(
             f"teacher logits {tuple(teacher_logits.shape)} do not match labels {tuple(labels.shape)} + "
             f"[{vocab}] (the lm_head's vocabulary); teacher and student must share the vocabulary and positions"
         )
-    teacher = _DenseTeacher(teacher_logits.detach().reshape(-1, vocab), temperature, divergence, beta)
+    teacher = _DenseTeacher(_LogitsSource(teacher_logits.detach().reshape(-1, vocab)), temperature, divergence, beta)
     return _run_linear(hidden, flat_h, lm_head_weight, lm_head_bias, lab, teacher, alpha, temperature,
                        num_items_in_batch, chunk_size)
 
@@ -392,6 +392,97 @@ def fused_linear_teacher_loss(
         hidden, lm_head_weight, labels, targets.ids, targets.logprobs, tail=tail,
         target_counts=getattr(targets, "counts", None), **common,
     )
+
+
+class PositionStats(NamedTuple):
+    """Evaluation's view of each counted position (label != -100), in order; [n] tensors on the
+    student's device.
+
+    ``nll`` float32: -log p(label) at T = 1. ``kl`` float32: KL(teacher || model) at T = 1 --
+    exact for dense or hidden targets, the ``tail`` bound for top-k ones, the ``sample``
+    estimate for sampled ones; None without targets. ``confidence`` float32: the model's top-1
+    probability. ``prediction`` int64: its argmax. ``teacher_prediction`` int64: the teacher's
+    argmax (PAD_ID where sparse targets store no id); None without targets."""
+
+    nll: torch.Tensor
+    kl: torch.Tensor | None
+    confidence: torch.Tensor
+    prediction: torch.Tensor
+    teacher_prediction: torch.Tensor | None
+
+
+def position_stats(
+    student: torch.Tensor,
+    labels: torch.Tensor,
+    targets: Targets | HiddenTargets | None = None,
+    *,
+    lm_head_weight: torch.Tensor | None = None,
+    lm_head_bias: torch.Tensor | None = None,
+    chunk_size: int = 1024,
+) -> PositionStats:
+    """Per-position evaluation metrics at T = 1 from the loss's own chunked engine, no gradient.
+
+    Why here: evaluation's KL must be the loss's KL, and at V = 151,936 its full-vocabulary
+    work must be chunked like the loss's. This runs the same engine (``_forward``, alpha = 1,
+    T = 1, forward KL; top-k targets in ``tail`` mode, i.e. ``kl_lower_bound``) and collects
+    each chunk's rows instead of only their sums: it holds a few [chunk, V] fp32 buffers, never
+    an [N, V] one.
+
+    Args:
+        student: the model's logits [B, T, V], any float dtype; or, with ``lm_head_weight``, its
+            final hidden states [B, T, H], whose logits are then made a chunk at a time (as the
+            fused loss makes them) and never exist whole.
+        labels: [B, T] int64, already shifted; -100 = not counted.
+        targets: ``TopKTargets`` / ``SampledTargets`` (a cache), ``DenseTargets`` /
+            ``HiddenTargets`` (an online teacher, same positions and vocabulary), or None.
+        lm_head_weight, lm_head_bias: the student's output layer, [V, H] and [V] or None.
+        chunk_size: the most positions per chunk (the loss's CPU caps apply).
+    """
+    _check_scalars(1.0, 1.0, chunk_size)
+    with torch.no_grad(), torch.autocast(student.device.type, enabled=False):
+        if lm_head_weight is None:
+            flat, lab, vocab = _flatten_student(student, labels)
+            source = _LogitsSource(flat)
+        else:
+            flat_h, lab, vocab = _flatten_hidden(student, lm_head_weight, lm_head_bias, labels)
+            source = _LinearSource(flat_h, lm_head_weight, lm_head_bias,
+                                   _matmul_dtype(student, lm_head_weight, lm_head_bias), False, False, False)
+        teacher = _eval_teacher(targets, labels, vocab)
+        rows, denom = _counted(lab, None)
+        collect = []
+        _forward(source, lab, rows, teacher, 1.0, 1.0, denom, int(chunk_size), collect=collect)
+    if not collect:  # nothing counted
+        empty = torch.zeros(0, device=source.device)
+        none = None if targets is None else empty.long()
+        return PositionStats(empty, None if targets is None else empty, empty, empty.long(), none)
+    nll, kl, conf, pred, t_pred = (list(col) for col in zip(*collect))
+    cat = torch.cat
+    return PositionStats(cat(nll), None if targets is None else cat(kl), cat(conf), cat(pred),
+                         None if targets is None else cat(t_pred))
+
+
+def _eval_teacher(targets, labels, vocab):
+    """``position_stats``' teacher at T = 1 for ``targets``."""
+    if targets is None:
+        return _NoTeacher()
+    if isinstance(targets, DenseTargets):
+        if tuple(targets.logits.shape) != (*labels.shape, vocab):
+            raise UserError(f"teacher logits {tuple(targets.logits.shape)} do not match labels {tuple(labels.shape)} "
+                            f"+ [{vocab}]; teacher and student must share the vocabulary and positions")
+        return _DenseTeacher(_LogitsSource(targets.logits.detach().reshape(-1, vocab)), 1.0)
+    if isinstance(targets, HiddenTargets):
+        h, w, b = targets.hidden, targets.weight, targets.bias
+        flat_t, _, v = _flatten_hidden(h, w, b, labels)
+        if v != vocab:
+            raise UserError(f"the teacher's lm_head has {v} outputs, the student's {vocab}; teacher and student "
+                            f"must share the vocabulary")
+        return _DenseTeacher(_LinearSource(flat_t, w, b, _matmul_dtype(h, w, b), False, False, False), 1.0)
+    if isinstance(targets, SparseTargets):
+        sampled = isinstance(targets, SampledTargets)
+        return _sparse_teacher(labels, targets.ids, targets.logprobs, getattr(targets, "counts", None),
+                               "sample" if sampled else "tail", 1.0, vocab, "forward_kl", None)
+    raise TypeError(f"targets must be TopKTargets, SampledTargets, DenseTargets or HiddenTargets, "
+                    f"got {type(targets).__name__}")
 
 
 # --------------------------------------------------------------------------- checks
@@ -526,12 +617,7 @@ def _run_linear(hidden, flat_h, weight, bias, lab, teacher, alpha, temperature, 
     grad_on = torch.is_grad_enabled()
     need = [grad_on and t is not None and t.requires_grad for t in (hidden, weight, bias)]
     device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-    else:
-        dtype = torch.promote_types(hidden.dtype, weight.dtype)
-        if bias is not None:
-            dtype = torch.promote_types(dtype, bias.dtype)
+    dtype = _matmul_dtype(hidden, weight, bias)
 
     def compute():
         with torch.autocast(device_type, enabled=False):  # the dtypes are chosen above
@@ -547,6 +633,16 @@ def _run_linear(hidden, flat_h, weight, bias, lab, teacher, alpha, temperature, 
     else:
         total, ce, kl, _ = compute()
     return LossOutput(total, ce, kl)
+
+
+def _matmul_dtype(hidden, weight, bias):
+    """The lm_head's matmul dtype: the autocast dtype under autocast, as the lm_head would run
+    there; otherwise the promoted dtype of hidden, weight and bias."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    return dtype if bias is None else torch.promote_types(dtype, bias.dtype)
 
 
 class _FusedLinearLoss(torch.autograd.Function):
@@ -635,8 +731,10 @@ class _PrecomputedGradLoss(torch.autograd.Function):
 
 
 
-def _forward(source, lab, rows, teacher, alpha, temperature, denom, chunk_size):
-    """Loss parts over the counted ``rows``; the source gets each chunk's d total / d logits."""
+def _forward(source, lab, rows, teacher, alpha, temperature, denom, chunk_size, collect=None):
+    """Loss parts over the counted ``rows``; the source gets each chunk's d total / d logits.
+    ``collect``: a list that gets, per chunk, the rows' (CE, divergence, top-1 probability,
+    argmax, teacher's argmax or None) (see ``position_stats``)."""
     device = source.device
     vocab = source.vocab
     n = rows.numel()
@@ -651,6 +749,8 @@ def _forward(source, lab, rows, teacher, alpha, temperature, denom, chunk_size):
     c_kl = alpha * temperature / denom
     labels = lab.index_select(0, rows).unsqueeze(1)
     teacher.select(rows)
+    if collect is not None:
+        teacher.keep_top = True
     # Chunk-sized fp32 work buffers, allocated once and reused: a fresh [C, V] allocation
     # per chunk costs page faults that take longer than the arithmetic on CPU.
     cap = source.chunk_bytes(device)
@@ -675,8 +775,10 @@ def _forward(source, lab, rows, teacher, alpha, temperature, denom, chunk_size):
         u = torch.mul(x, inv_t, out=buf_u[:c]) if temperature != 1.0 else x
         state = teacher.observe(sl, pieces, u)  # u = z / T, before the softmax overwrites it
         torch.softmax(x, dim=1, out=x)
-        lse = x_top - x.gather(1, top).log()
-        ce_sum += (lse - x_y).sum(dtype=torch.float64)
+        p_top = x.gather(1, top)
+        lse = x_top - p_top.log()
+        ce_rows = lse - x_y
+        ce_sum += ce_rows.sum(dtype=torch.float64)
         if temperature != 1.0:
             p_t = torch.softmax(u, dim=1, out=u)
             lse_t = x_top * inv_t - p_t.gather(1, top).log()
@@ -685,6 +787,9 @@ def _forward(source, lab, rows, teacher, alpha, temperature, denom, chunk_size):
             lse_t = lse
         kl_rows, beta = teacher.finish(state, p_t, lse_t)  # tail mode zeroes p_t on the stored ids
         kl_sum += kl_rows.sum(dtype=torch.float64)
+        if collect is not None:
+            collect.append((ce_rows.squeeze(1), kl_rows, p_top.squeeze(1), top.squeeze(1),
+                            teacher.prediction(sl, state)))
         if not source.need_grad:
             continue
         # x holds softmax(z); turn it into this chunk's gradient, g = scale * x, in place.
@@ -774,7 +879,7 @@ class _LogitsSource:
         """The most bytes of one fp32 [C, V] work buffer, or None for ``chunk_size`` as given."""
         return CPU_CHUNK_BYTES if device.type == "cpu" else None
 
-    def __init__(self, flat, lab, need_grad):
+    def __init__(self, flat, lab=None, need_grad=False):
         self.flat, self.lab, self.need_grad = flat, lab, need_grad
         self.device, self.vocab = flat.device, flat.shape[1]
         self.grad = None
@@ -878,9 +983,13 @@ def _as(t, dtype):
 # or [C, 1]); d D / d u is then  beta * p  plus what ``add_grad`` adds (a scatter on the
 # stored ids, or a dense term). ``masks_probs``: finish zeroes p on the stored ids (the
 # engine then gives it a copy at T = 1); ``signed_beta``: beta may be negative.
+# ``prediction(sl, state)``: the teacher's top-1 id per row of the chunk (for evaluation; a dense
+# teacher keeps it from ``observe`` only when the engine sets ``keep_top``).
 
 
 class _SparseTeacher:
+    keep_top = False
+
     def __init__(self, ids, logprobs, counts, tail, temperature, vocab, divergence="forward_kl", beta=None):
         self.ids, self.logprobs, self.counts = ids, logprobs, counts
         self.tail, self.inv_t, self.vocab = tail, 1.0 / temperature, vocab
@@ -1015,12 +1124,45 @@ class _SparseTeacher:
     def add_grad(self, st, g, coef):
         g.scatter_add_(1, st["idx"], torch.where(st["valid"], st["gamma"] * coef, torch.zeros_like(st["gamma"])))
 
+    def prediction(self, sl, st):
+        """The stored id of the highest log-prob (PAD_ID where a position has none)."""
+        top = torch.where(st["valid"], st["lp"], torch.full_like(st["lp"], -math.inf)).argmax(1, keepdim=True)
+        return self.ids[sl].gather(1, top).squeeze(1)
+
+
+class _NoTeacher:
+    """No teacher targets: the divergence is 0 and adds no gradient (the CE alone)."""
+
+    masks_probs = signed_beta = False
+
+    def select(self, rows):
+        pass
+
+    def allocate(self, work):
+        pass
+
+    def observe(self, sl, pieces, u):
+        return None
+
+    def finish(self, st, p, lse):
+        return torch.zeros(p.shape[0], dtype=p.dtype, device=p.device), 0.0
+
+    def add_grad(self, st, g, coef):
+        pass
+
+    def prediction(self, sl, st):
+        return None
+
 
 class _DenseTeacher:
-    masks_probs = False
+    """The teacher's full distribution; its logits come a chunk at a time from ``source``: rows of
+    its logits (``_LogitsSource``) or its final hidden states times its lm_head (``_LinearSource``)."""
 
-    def __init__(self, logits, temperature, divergence="forward_kl", beta=None):
-        self.logits, self.inv_t = logits, 1.0 / temperature
+    masks_probs = False
+    keep_top = False
+
+    def __init__(self, source, temperature, divergence="forward_kl", beta=None):
+        self.source, self.inv_t = source, 1.0 / temperature
         self.divergence, self.beta = divergence, beta
         self.signed_beta = divergence != "forward_kl"
 
@@ -1034,15 +1176,19 @@ class _DenseTeacher:
 
     def observe(self, sl, pieces, u):
         c = u.shape[0]
-        log_q = _gather_rows(self.buf_t[:c], self.logits, pieces).mul_(self.inv_t)
+        log_q = self.source.load(self.buf_t[:c], pieces).mul_(self.inv_t)
         torch.log_softmax(log_q, dim=1, out=log_q)
+        top = log_q.argmax(1) if self.keep_top else None
         q = torch.softmax(log_q, dim=1, out=self.buf_q[:c])
         if self.signed_beta:
-            return {"q": q, "log_q": log_q, "log_p": torch.log_softmax(u, dim=1, out=self.buf_lp[:c])}
+            return {"q": q, "log_q": log_q, "log_p": torch.log_softmax(u, dim=1, out=self.buf_lp[:c]), "top": top}
         # sum_v q (log q - u), with 0 where q == 0 (a teacher logit of -inf); + lse in finish.
         log_q.sub_(u).mul_(q)
         log_q.masked_fill_(q == 0, 0.0)
-        return {"q": q, "kl": log_q.sum(1)}
+        return {"q": q, "kl": log_q.sum(1), "top": top}
+
+    def prediction(self, sl, st):
+        return st["top"]
 
     def finish(self, st, p, lse):
         if not self.signed_beta:

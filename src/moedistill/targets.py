@@ -6,7 +6,8 @@ Three kinds, one per way a teacher distribution reaches training:
   log-probabilities (log-softmax at T=1 over the full vocabulary, sorted descending).
 - ``SampledTargets``: a sample-mode cache: the distinct ids of N draws from the teacher,
   their log-probabilities and how often each was drawn.
-- ``DenseTargets``: the teacher's full logits (an online teacher).
+- ``DenseTargets``: the teacher's full logits (an online teacher); ``HiddenTargets``, the
+  same distribution as the teacher's final hidden states and its lm_head (evaluation).
 
 Sparse targets have a fixed width W (entries per position) per batch; positions with fewer entries (sampled
 targets, or items of different widths stacked into one batch) are padded at the end
@@ -68,6 +69,21 @@ class DenseTargets:
     """``logits`` [..., V]: the teacher's full logits for the same positions as the student's."""
 
     logits: torch.Tensor
+
+    kind = "dense"
+
+
+@dataclass(frozen=True)
+class HiddenTargets:
+    """The teacher's final hidden states ``hidden`` [..., H] and its output layer, ``weight`` [V, H]
+    and ``bias`` [V] or None: its logits are ``hidden @ weight.T + bias``, which the loss's engine
+    makes a chunk of positions at a time, so they never exist whole. H / V of the logits' size
+    (1.3% at Qwen3-30B-A3B's 2,048 / 151,936): how evaluation keeps an online teacher's outputs
+    for every student (``moedistill.evaluate``)."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
 
     kind = "dense"
 

@@ -11,8 +11,9 @@ from moedistill.cache import open_cache
 from moedistill.commands import common  # called qualified, so patching common.X reaches every verb
 from moedistill.config import Config
 from moedistill.errors import UserError
-from moedistill.evaluate import count_parameters, evaluate_model
+from moedistill.evaluate import evaluate_model
 from moedistill.files import atomic_write_text
+from moedistill.models import config_or_none
 
 
 def eval_blocks(cfg: Config, tokenizer) -> np.ndarray:
@@ -49,19 +50,23 @@ def eval_from_config(
     if output and Path(output).is_dir():  # before the evaluation, not after it
         raise UserError(f"--output {output} is a directory; give a file path, e.g. {Path(output) / 'eval.json'}")
     targets = open_eval_cache(cfg, cache) if cache else None
-    student = common.load_student(cfg, name)
-    teacher = None
+    if config_or_none(name, cfg.student.trust_remote_code) is None:  # stop before the teacher runs, not after
+        common.load_student(cfg, name)  # fails with the loader's own message
     if cache:
         blocks = np.stack([targets[i]["input_ids"].numpy() for i in range(len(targets))])
     else:
-        teacher, tok = common.load_teacher(cfg)
-        blocks = eval_blocks(cfg, tok)
+        blocks = eval_blocks(cfg, common.teacher_tokenizer(cfg))
+
+    def teacher():  # loaded for its pass over the blocks, dropped before the student loads
+        return common.load_teacher(cfg, with_tokenizer=False)[0]
+
     if cfg.eval.max_sequences:
         blocks = blocks[: cfg.eval.max_sequences]
-    metrics = evaluate_model(student, blocks, teacher=teacher, teacher_targets=targets,
-                             batch_size=cfg.eval.batch_size, ece_bins=cfg.eval.ece_bins)
+    metrics = evaluate_model(lambda: common.load_student(cfg, name), blocks, teacher=None if cache else teacher,
+                             teacher_targets=targets,
+                             batch_size=cfg.eval.batch_size, ece_bins=cfg.eval.ece_bins,
+                             chunk_size=cfg.loss.chunk_size, work_dir=cfg.output_dir)
     metrics["model"] = name
-    metrics["parameters"] = count_parameters(student)
     metrics["split"] = cfg.data.eval_split
     metrics["targets"] = (
         {"cache": str(cache), "mode": targets.mode, "data": targets.manifest["fingerprints"]["data"]} if cache

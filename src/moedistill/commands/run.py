@@ -24,7 +24,7 @@ from moedistill.commands.compress import compress_from_config
 from moedistill.commands.eval import eval_blocks
 from moedistill.commands.train import sharding_engine, train_from_config, with_cache_mode
 from moedistill.config import Config
-from moedistill.evaluate import count_parameters, evaluate_models
+from moedistill.evaluate import evaluate_models
 from moedistill.files import atomic_write_json, atomic_write_text
 from moedistill.integrity import CHECKPOINT_MANIFEST
 from moedistill.report import write_report
@@ -114,19 +114,24 @@ def _checkpointed_since_start(out: Path, run_name: str) -> bool:
 
 
 def _evaluate_all(cfg: Config, ckpt0: Path, results: dict):
-    teacher, tok = common.load_teacher(cfg)
-    blocks = eval_blocks(cfg, tok)
-    # All models are evaluated in one pass over the data so the teacher runs once per batch
-    # (it dominates the cost). That holds every student in memory at once: fine for the
-    # embedded default; for large students run `moedistill eval` per model with --cache.
+    blocks = eval_blocks(cfg, common.teacher_tokenizer(cfg))
+    # One model in memory at a time: the teacher runs first, once, and keeps its final hidden
+    # states on disk (in a temporary directory under output_dir) for every student; each student
+    # is then loaded, evaluated against them and dropped (moedistill.evaluate, "_TeacherOutputs").
     paths = {"teacher": None, "checkpoint-0": str(ckpt0), **{k: v["final_dir"] for k, v in results.items()}}
-    models = {name: teacher if path is None else common.load_student(cfg, path) for name, path in paths.items()}
-    metrics = evaluate_models(models, blocks, teacher=teacher, batch_size=cfg.eval.batch_size,
-                              ece_bins=cfg.eval.ece_bins, desc="evaluate")
+
+    def load_teacher():
+        return common.load_teacher(cfg, with_tokenizer=False)[0]
+
+    models = {name: load_teacher if path is None else (lambda path=path: common.load_student(cfg, path))
+              for name, path in paths.items()}
+    metrics = evaluate_models(models, blocks, teacher=load_teacher, batch_size=cfg.eval.batch_size,
+                              ece_bins=cfg.eval.ece_bins, desc="evaluate", chunk_size=cfg.loss.chunk_size,
+                              work_dir=cfg.output_dir)
     rows = []
     for name, m in metrics.items():
         m.pop("expert_load", None)
-        rows.append({"name": name, "parameters": count_parameters(models[name]), "path": paths[name], **m})
+        rows.append({"name": name, "parameters": m.pop("parameters"), "path": paths[name], **m})
     curves, bounds = {}, {}
     for name, r in results.items():
         curves[name] = r.get("log_history", [])
