@@ -17,6 +17,13 @@ Every measured variant runs in a process of its own (``--variant``), so each pea
   export        ``export_checkpoint`` of checkpoint-0 (rank for compression_ratio=0.25), peak RSS
   export-check  the float32 export's logits against the compressed model's
   experts       student experts (rank for ratio 0.25) vs the teacher's experts, fwd+bwd, 2,048 tokens
+  eval-*        (``--sections eval``) evaluation at V = 151,936 on 4 x 512 tokens against a training
+                step's loss (``train-loss``: ``DistillationTrainer.compute_loss`` + backward, top-k
+                targets, fused lm_head or not) on the same tokens: ``eval-new`` (``evaluate_models``,
+                online teacher or top-k targets) and ``eval-old`` (the pre-issue-13 evaluation,
+                copied below), with the metrics of both side by side. The evaluated student is the
+                1-layer teacher with noise on its lm_head (so its KL is not 0); top-k targets (k = 64)
+                are made once by ``eval-targets``
 
 Settings: core=frequency, svd=activation, 32 calibration blocks of 128 tokens of the embedded
 corpus. CPU times are process user+system seconds; the machine's 2 cores are shared, so read
@@ -316,8 +323,172 @@ def v_experts(a) -> dict:
             "threads": torch.get_num_threads(), "tokens": T}
 
 
+# --------------------------------------------------------------------------- evaluation (issue 13, item 5)
+
+EVAL_BLOCKS, EVAL_LEN, EVAL_TOPK = 4, 512, 64
+
+
+def _eval_blocks():
+    from moedistill.data import prepare
+    from moedistill.models import TINY_TEACHER, load_tokenizer
+
+    return prepare(load_tokenizer(str(TINY_TEACHER)), "tiny", seq_len=EVAL_LEN, max_sequences=EVAL_BLOCKS).blocks
+
+
+def _student(path):
+    """The evaluated model: the scale teacher with noise (half its spread) on its lm_head."""
+    import torch
+
+    m = _teacher(path)
+    w = m.lm_head.weight
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        std = w[:4096].float().std().item()
+        for i in range(0, w.shape[0], 8192):  # in pieces: no fp32 copy of the whole head
+            w[i : i + 8192] += (torch.randn(w[i : i + 8192].shape, generator=g) * (0.5 * std)).to(w.dtype)
+    return m
+
+
+def _targets(a):
+    import torch
+
+    d = torch.load(Path(a.work) / "eval-topk.pt")
+    return [{"target_ids": d["ids"][i], "target_logprobs": d["logprobs"][i]} for i in range(EVAL_BLOCKS)]
+
+
+def old_evaluate(models: dict, input_ids, *, teacher=None, targets=None, batch_size=4, ece_bins=15) -> dict:
+    """The evaluation before issue 13 (``_Metrics.update``, ``_kl_full``, ``_kl_sparse``), less the expert load:
+    full fp32 log-softmaxes of every batch, all models and the teacher in memory at once."""
+    import math
+
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from moedistill.data import shifted_labels
+
+    def kl_full(t_logits, s_logp):
+        t_logp = F.log_softmax(t_logits.float(), dim=-1)
+        return (t_logp.exp() * (t_logp - s_logp)).sum(-1)
+
+    def kl_sparse(ids, lp, s_logp):
+        valid = ids >= 0
+        t_lp = torch.where(valid, lp.float(), torch.full_like(lp, -math.inf))
+        s_sel = torch.where(valid, s_logp.gather(-1, ids.clamp_min(0)), torch.full_like(t_lp, -math.inf))
+        q = t_lp.exp()
+        kl_in = torch.where(valid, q * (t_lp - s_sel), torch.zeros_like(q)).sum(-1)
+        q_rest = (1 - q.sum(-1)).clamp_min(0)
+        p_rest = (1 - s_sel.exp().sum(-1)).clamp_min(1e-12)
+        kl_rest = torch.where(q_rest > 1e-12, q_rest * (q_rest.clamp_min(1e-12).log() - p_rest.log()),
+                              torch.zeros_like(q_rest))
+        return kl_in + kl_rest
+
+    x_all = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
+    acc = {name: dict(nll=0.0, agree=0.0, kl=0.0, n=0, conf=torch.zeros(ece_bins, dtype=torch.float64),
+                      acc=torch.zeros(ece_bins, dtype=torch.float64), cnt=torch.zeros(ece_bins, dtype=torch.float64))
+           for name in models}
+    with torch.no_grad():
+        for i in range(0, len(x_all), batch_size):
+            x = x_all[i : i + batch_size]
+            y = shifted_labels(x)
+            mask = y != -100
+            t_logits = teacher(input_ids=x).logits[mask] if teacher is not None else None
+            if targets is not None:
+                ids = torch.stack([targets[j]["target_ids"] for j in range(i, i + len(x))])[mask]
+                lp = torch.stack([targets[j]["target_logprobs"] for j in range(i, i + len(x))])[mask]
+            for name, model in models.items():
+                a = acc[name]
+                s_logp = F.log_softmax(model(input_ids=x).logits.float(), dim=-1)[mask]
+                yy = y[mask]
+                a["nll"] += -s_logp.gather(-1, yy[:, None]).sum().item()
+                a["n"] += int(mask.sum())
+                conf, pred = s_logp.max(-1)
+                conf = conf.exp().double()
+                b = (conf * ece_bins).long().clamp(max=ece_bins - 1)
+                a["conf"] += torch.bincount(b, conf, ece_bins)
+                a["acc"] += torch.bincount(b, (pred == yy).double(), ece_bins)
+                a["cnt"] += torch.bincount(b, minlength=ece_bins).double()
+                if t_logits is not None:
+                    a["kl"] += kl_full(t_logits, s_logp).sum().item()
+                    a["agree"] += (t_logits.argmax(-1) == pred).sum().item()
+                elif targets is not None:
+                    a["kl"] += kl_sparse(ids, lp, s_logp).sum().item()
+                    top = lp.masked_fill(ids < 0, -math.inf).argmax(-1, keepdim=True)
+                    a["agree"] += (ids.gather(-1, top).squeeze(-1) == pred).sum().item()
+                del s_logp
+    kl_name = "kl_exact" if teacher is not None else "kl_lower_bound"
+    return {name: {"ce": a["nll"] / a["n"], "perplexity": math.exp(a["nll"] / a["n"]), "agreement": a["agree"] / a["n"],
+                   kl_name: a["kl"] / a["n"], "ece": float((a["acc"] - a["conf"]).abs().sum() / a["cnt"].sum())}
+            for name, a in acc.items()}
+
+
+def v_eval_targets(a) -> dict:
+    """Top-k targets of the teacher on the eval blocks, one block at a time, into <work>/eval-topk.pt."""
+    import torch
+
+    teacher = _teacher(a.teacher)
+    ids, lps = [], []
+    with torch.no_grad():
+        for block in torch.as_tensor(_eval_blocks()):
+            lp, i = torch.log_softmax(teacher(input_ids=block[None]).logits[0].float(), -1).topk(EVAL_TOPK, -1)
+            ids.append(i)
+            lps.append(lp)
+    torch.save({"ids": torch.stack(ids), "logprobs": torch.stack(lps)}, Path(a.work) / "eval-topk.pt")
+    return {}
+
+
+def v_eval_new(a) -> dict:
+    from moedistill.evaluate import evaluate_models
+
+    blocks, kw = _eval_blocks(), {}
+    if a.targets == "topk":
+        kw["teacher_targets"] = _targets(a)
+    else:
+        kw["teacher"] = lambda: _teacher(a.teacher)
+    rss0, t0 = _rss(), time.perf_counter()
+    m = evaluate_models({"student": lambda: _student(a.teacher)}, blocks, batch_size=EVAL_BLOCKS, work_dir=a.work,
+                        **kw)["student"]
+    return {"peak_rss": _peak(), "start_rss": rss0, "models_held": 1, "wall_s": time.perf_counter() - t0,
+            "metrics": {k: v for k, v in m.items() if k != "expert_load"}}
+
+
+def v_eval_old(a) -> dict:
+    blocks, kw = _eval_blocks(), {}
+    rss0, t0 = _rss(), time.perf_counter()
+    if a.targets == "topk":
+        kw["targets"] = _targets(a)
+    else:
+        kw["teacher"] = _teacher(a.teacher)
+    m = old_evaluate({"student": _student(a.teacher)}, blocks, batch_size=a.batch, **kw)["student"]
+    return {"peak_rss": _peak(), "start_rss": rss0, "models_held": 1 + (a.targets != "topk"),
+            "wall_s": time.perf_counter() - t0, "metrics": m}
+
+
+def v_train_loss(a) -> dict:
+    import torch
+    from transformers import TrainingArguments
+
+    from moedistill.config import LossConfig
+    from moedistill.data import shifted_labels
+    from moedistill.trainer import DistillationTrainer
+
+    ids = torch.as_tensor(_eval_blocks())
+    d = torch.load(Path(a.work) / "eval-topk.pt")
+    inputs = {"input_ids": ids, "labels": shifted_labels(ids), "target_ids": d["ids"], "target_logprobs": d["logprobs"]}
+    rss0, t0 = _rss(), time.perf_counter()
+    student = _student(a.teacher).train()
+    args = TrainingArguments(output_dir=str(Path(a.work) / "train-loss"), use_cpu=True, report_to=[],
+                             per_device_train_batch_size=EVAL_BLOCKS)
+    # the reference recipe's loss (conf/distillation/default.yaml)
+    trainer = DistillationTrainer(student, args, loss=LossConfig(alpha=0.5, temperature=2.0, fused_linear=a.fused))
+    trainer.compute_loss(student, inputs).backward()
+    return {"peak_rss": _peak(), "start_rss": rss0, "models_held": 1, "wall_s": time.perf_counter() - t0}
+
+
 VARIANTS = {"compress-new": v_compress_new, "compress-old": v_compress_old, "make-ckpt": v_make_ckpt,
-            "export": v_export, "export-check": v_export_check, "experts": v_experts}
+            "export": v_export, "export-check": v_export_check, "experts": v_experts,
+            "eval-targets": v_eval_targets, "eval-new": v_eval_new, "eval-old": v_eval_old,
+            "train-loss": v_train_loss}
 
 
 # --------------------------------------------------------------------------- driver
@@ -351,6 +522,9 @@ def main():
     p.add_argument("--sections", default="compress,export,experts")
     p.add_argument("--old-experts", type=int, default=0, help="time the old factors on N experts (0: all)")
     p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--targets", choices=["online", "topk"], default="online", help="eval-*: the teacher's targets")
+    p.add_argument("--batch", type=int, default=EVAL_BLOCKS, help="eval-old: blocks per batch")
+    p.add_argument("--fused", type=int, default=1, help="train-loss: loss.fused_linear")
     a = p.parse_args()
     if a.variant:
         print(json.dumps(VARIANTS[a.variant](a)))
@@ -409,7 +583,42 @@ def main():
         print(f"\nexperts fwd+bwd, {ex['tokens']} tokens, top-8, {ex['threads']} threads: teacher "
               f"{ex['teacher_s']:.2f} s, student (rank {ex['rank']}, {ex['param_ratio']:.3f} of the parameters) "
               f"{ex['student_s']:.2f} s, ratio {ex['ratio']:.3f}")
+    if "eval" in sections:
+        results["eval"] = _eval_section(a)
     (Path(a.work) / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+def _eval_section(a) -> dict:
+    weights = sum(f.stat().st_size for f in Path(a.teacher1).glob("*.safetensors"))  # = the student's
+    if not (Path(a.work) / "eval-topk.pt").is_file():
+        _run("eval-targets", teacher=a.teacher1, work=a.work)
+    # the old online evaluation holds teacher, student and several [n, V] fp32 tensors: one block per batch
+    # keeps it under this machine's share of memory (its metrics do not depend on the batching)
+    runs = {
+        "train-loss, fused lm_head": _run("train-loss", teacher=a.teacher1, work=a.work, fused=1),
+        "train-loss, lm_head + chunked loss": _run("train-loss", teacher=a.teacher1, work=a.work, fused=0),
+        "eval new, top-k targets": _run("eval-new", teacher=a.teacher1, work=a.work, targets="topk"),
+        "eval new, online teacher": _run("eval-new", teacher=a.teacher1, work=a.work, targets="online"),
+        "eval old, top-k targets": _run("eval-old", teacher=a.teacher1, work=a.work, targets="topk"),
+        "eval old, online (1 block/batch)": _run("eval-old", teacher=a.teacher1, work=a.work, targets="online",
+                                                 batch=1),
+    }
+    ref = runs["train-loss, fused lm_head"]
+    ref_work = ref["peak_rss"] - ref["start_rss"] - weights
+    print(f"\nevaluation vs a training step's loss, V = 151,936, {EVAL_BLOCKS} x {EVAL_LEN} tokens, 1-layer scale "
+          f"teacher (weights {_gib(weights)} per model); peak RSS, and above the weights held")
+    print(f"{'':<36}{'peak GiB':>10}{'/ train':>9}{'work GiB':>10}{'/ train':>9}{'seconds':>9}")
+    for name, r in runs.items():
+        work = r["peak_rss"] - r["start_rss"] - r["models_held"] * weights
+        print(f"{name:<36}{r['peak_rss'] / 2**30:10.2f}{r['peak_rss'] / ref['peak_rss']:9.3f}{work / 2**30:10.2f}"
+              f"{work / ref_work:9.3f}{r['wall_s']:9.1f}")
+    print("metrics, new vs old (the old online run at 1 block per batch):")
+    for kind in ("top-k targets", "online teacher"):
+        new = runs[f"eval new, {kind}"]["metrics"]
+        old = runs[f"eval old, {'top-k targets' if kind == 'top-k targets' else 'online (1 block/batch)'}"]["metrics"]
+        diffs = ", ".join(f"{k} {old[k]:.6f} -> {new[k]:.6f} ({new[k] - old[k]:+.1e})" for k in old)
+        print(f"  {kind}: {diffs}")
+    return runs
 
 
 if __name__ == "__main__":
