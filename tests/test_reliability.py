@@ -733,13 +733,15 @@ def _free_port() -> int:
 ENGINES = {  # shipped accelerate config -> (mixed precision on CPU, engine recorded, tolerance vs the fp32 reference)
     "ddp.yaml": ("bf16", "ddp", 3e-2),
     "deepspeed_zero3.yaml": ("no", "deepspeed-zero3", 1e-4),  # DeepSpeed's CPU path has no autocast
+    "fsdp.yaml": ("bf16", "fsdp2", 3e-2),
 }
 
 
 @pytest.mark.parametrize("config", list(ENGINES))
 def test_accelerate_launch_two_processes_train_like_one_resume_and_export(world, tmp_path, config):
     """`accelerate launch --config_file conf/accelerate/<config>` with 2 CPU processes (gloo;
-    DeepSpeed with DS_ACCELERATOR=cpu): the wrappers-only stage (everything in front of the
+    DeepSpeed with DS_ACCELERATOR=cpu; FSDP2 through tests/accelerate_fsdp_cpu.py, which makes
+    accelerate choose FSDP for CPU processes as it does for GPUs): the wrappers-only stage (everything in front of the
     experts frozen) and the full stage train like the 1-process fp32 reference with the same
     global batches (bf16 autocast within bf16 tolerance); metrics.json names the engine; a crash
     after a mid-stage checkpoint resumed under the same launch ends with the same weights as the
@@ -753,10 +755,13 @@ def test_accelerate_launch_two_processes_train_like_one_resume_and_export(world,
     precision, engine, tol = ENGINES[config]
     accelerate = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
     conf = SRC / "moedistill" / "conf" / "accelerate" / config
+    # accelerate turns FSDP on for GPUs only; this launcher makes the same choice for CPU processes
+    entry = ([str(Path(__file__).parent / "accelerate_fsdp_cpu.py")] if config == "fsdp.yaml"
+             else ["-m", "moedistill.cli"])
 
     def launch(out, *extra):
         cmd = [accelerate, "launch", "--config_file", str(conf), "--num_processes", "2", "--mixed_precision",
-               precision, "--main_process_port", str(_free_port()), "-m", "moedistill.cli", "train", *extra,
+               precision, "--main_process_port", str(_free_port()), *entry, "train", *extra,
                *overrides(world, out, *TWO_PROCESSES, f"training.bf16={precision == 'bf16'}")]
         r = subprocess.run(cmd, env=env(DS_ACCELERATOR="cpu"), capture_output=True, text=True, timeout=400)
         assert r.returncode == 0, r.stderr[-12000:]
@@ -772,6 +777,8 @@ def test_accelerate_launch_two_processes_train_like_one_resume_and_export(world,
         for k in ("loss", "ce_loss", "kl_loss"):
             assert got[s][k] == pytest.approx(e[k], rel=tol), (s, k)
     a, b = weights(out), weights(world.ref)
+    if engine == "fsdp2":  # FSDP gathers the tied lm_head as its own tensor, so save_pretrained keeps both names
+        assert torch.equal(a.pop("lm_head.weight"), a["model.embed_tokens.weight"])
     assert a.keys() == b.keys()
     for k in b:  # relative to each tensor's norm: a bf16 step moves small entries by more than their size
         assert float((a[k] - b[k]).norm() / b[k].norm().clamp_min(1e-12)) < tol, k

@@ -189,6 +189,20 @@ def load_weights(model, checkpoint) -> None:
     del loaded
 
 
+def _refresh_fsdp2_grad_dtypes(model) -> None:
+    """After a stage changed which parameters train, let FSDP2 see it. ``fully_shard`` fixes each
+    unit's gradient dtype when it first runs, from the parameters that require grad then: a unit
+    frozen in a wrappers-only stage gets none, and when the next stage unfreezes it, its reduced
+    bf16/fp16 gradients (mixed precision) are assigned to the float32 parameters uncast
+    ("attempting to assign a gradient with dtype BFloat16 to a tensor with grad_dtype Float").
+    A model not yet sharded (the first stage) has nothing to refresh."""
+    for module in model.modules():
+        get_state = getattr(module, "_get_fsdp_state", None)  # torch's FSDPModule
+        group = get_state()._fsdp_param_group if get_state is not None else None
+        if group is not None:
+            group._init_mp_dtypes()
+
+
 class DistillationTrainer(Trainer):
     """Trainer for knowledge distillation into ``model`` (the student).
 
@@ -237,6 +251,7 @@ class DistillationTrainer(Trainer):
         self.stage_index, self.stage_name, self.step_offset = stage_index, stage_name, step_offset
         self.param_plan = assign(model, param_groups or ParamGroupsConfig(), where=param_groups_key)
         freeze(model, self.param_plan)
+        _refresh_fsdp2_grad_dtypes(model)
         if self.param_plan.trainable == 0:
             where = f"stage {stage_name!r}" if stage_name else "the run"
             raise UserError(f"{param_groups_key} freezes every parameter in {where}; give some rule lr_multiplier > 0")
