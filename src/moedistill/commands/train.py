@@ -103,11 +103,13 @@ def _check_student(cfg: Config, model, student_name: str, args, loss_overrides) 
 
 
 def sharding_engine(cfg: Config) -> str | None:
-    """"FSDP" or "DeepSpeed" when the launch (accelerate's environment) or the training
+    """"FSDP1", "FSDP2" or "DeepSpeed" when the launch (accelerate's environment) or the training
     settings ask for one, else None: known before the Trainer (or anything else) exists."""
     env = lambda key: os.environ.get(key, "").lower() in ("1", "true")  # noqa: E731
-    if cfg.training.get("fsdp") or env("ACCELERATE_USE_FSDP"):
-        return "FSDP"
+    if env("ACCELERATE_USE_FSDP"):
+        return f"FSDP{os.environ.get('FSDP_VERSION', '1')}"  # accelerate launch's default version is 1
+    if cfg.training.get("fsdp"):
+        return f"FSDP{(cfg.training.get('fsdp_config') or {}).get('version', 2)}"  # TrainingArguments' default: 2
     if cfg.training.get("deepspeed") or env("ACCELERATE_USE_DEEPSPEED"):
         return "DeepSpeed"
     return None
