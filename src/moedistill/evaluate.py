@@ -160,13 +160,12 @@ class _TeacherOutputs:
 
     Exact KL needs the teacher's full distribution at every position: N x V logits (159 GB in
     bf16 for 256 x 2,048 positions at V = 151,936), too much to keep. Kept instead: the
-    teacher's final hidden states, one file per batch in a temporary directory
-    ([B, L, H] in its dtype: H / V of the logits' size, 2.1 GB for those positions at
-    H = 2,048), and a reference to its lm_head weight (the rest of the teacher can then be
-    freed); the logits are remade a chunk at a time by ``position_stats`` from
-    ``HiddenTargets``, the same matmul the lm_head does. A teacher whose output layer the
-    fused path cannot take (not an nn.Linear, or a logit softcap) keeps its full logits per
-    batch instead (N x V x 2 bytes on disk in bf16)."""
+    teacher's final hidden states, one file per batch in a temporary directory ([B, L, H] in
+    its dtype: H / V of the logits' size, 2.1 GB for those positions at H = 2,048), and its
+    lm_head weight (the rest of the teacher can then be freed); the logits are remade a chunk
+    at a time by ``position_stats`` from ``HiddenTargets``, the same matmul the lm_head does.
+    A teacher whose output layer the fused path cannot take (not an nn.Linear, or a logit
+    softcap) keeps its full logits per batch instead (N x V x 2 bytes on disk in bf16)."""
 
     def __init__(self, directory: str, n_batches: int):
         self.dir, self.n_batches = Path(directory), n_batches
@@ -180,6 +179,13 @@ class _TeacherOutputs:
         with disk_full_as_error(path, needed=out.numel() * out.element_size() * self.n_batches):
             torch.save(out.detach().cpu().clone(), path)
         self.n += 1
+
+    def own_weights(self):
+        """Copy the lm_head's weight out of the teacher: a reference would keep the memory of the
+        whole teacher it was loaded with (e.g. the memory-mapped checkpoint file it views)."""
+        if self.weight is not None:
+            self.weight = self.weight.clone()
+            self.bias = None if self.bias is None else self.bias.clone()
 
     def targets(self, i: int, device) -> DenseTargets | HiddenTargets:
         out = torch.load(self.dir / f"batch-{i:06d}.pt", mmap=True).to(device)
@@ -258,6 +264,8 @@ def evaluate_models(
             own = [name for name, m in models.items() if m is teacher]
             results.update(_teacher_pass(_load(teacher), own, x_all, batch_size, store, ece_bins, chunk_size,
                                          kl_name, desc))
+            if not isinstance(teacher, torch.nn.Module):  # loaded here, dropped now: keep its lm_head alone
+                store.own_weights()
         for name, m in models.items():
             if name in results:
                 continue

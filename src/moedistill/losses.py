@@ -436,7 +436,7 @@ def position_stats(
         targets: ``TopKTargets`` / ``SampledTargets`` (a cache), ``DenseTargets`` /
             ``HiddenTargets`` (an online teacher, same positions and vocabulary), or None.
         lm_head_weight, lm_head_bias: the student's output layer, [V, H] and [V] or None.
-        chunk_size: the most positions per chunk (the loss's CPU caps apply).
+        chunk_size: the most positions per chunk; on CPU at most CPU_CHUNK_BYTES of fp32 each.
     """
     _check_scalars(1.0, 1.0, chunk_size)
     with torch.no_grad(), torch.autocast(student.device.type, enabled=False):
@@ -447,6 +447,10 @@ def position_stats(
             flat_h, lab, vocab = _flatten_hidden(student, lm_head_weight, lm_head_bias, labels)
             source = _LinearSource(flat_h, lm_head_weight, lm_head_bias,
                                    _matmul_dtype(student, lm_head_weight, lm_head_bias), False, False, False)
+        if student.device.type == "cpu":
+            # _LinearSource gives a frozen head 4x the buffers (for matmul speed); here a dense
+            # teacher adds two more of them: CPU_CHUNK_BYTES keeps all of them near 0.5 GB
+            chunk_size = min(int(chunk_size), max(1, CPU_CHUNK_BYTES // (4 * vocab)))
         teacher = _eval_teacher(targets, labels, vocab)
         rows, denom = _counted(lab, None)
         collect = []
