@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -88,12 +89,56 @@ def test_checker_finds_a_planted_cycle(tmp_path, capsys):
 MODULES = sorted(name for name in check_imports.module_names(ROOT) if not name.endswith(".__main__"))
 
 
+# Run by a fresh interpreter that imports only the third-party libraries (the slow part, several
+# seconds each time) and then forks one child per module: each child starts with no moedistill module
+# imported, so earlier imports still cannot hide a module that only works once another has run.
+_FORK_IMPORTS = """
+import importlib, json, os, sys, traceback
+import numpy, torch, transformers
+from transformers import PreTrainedModel, Trainer  # noqa: F401  (resolves transformers' lazy modules)
+assert not [m for m in sys.modules if m.split(".")[0] == "moedistill"]
+results = {}
+for module in sys.argv[1:]:
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        try:
+            importlib.import_module(module)
+            msg = ""
+        except BaseException:
+            msg = traceback.format_exc() or "failed"
+        os.write(w, msg.encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        msg = f.read().decode()
+    _, status = os.waitpid(pid, 0)
+    results[module] = msg or ("" if status == 0 else f"the child exited with status {status}")
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def import_results(tmp_path_factory) -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # cwd: a temp dir, so the repo's files shadow nothing
+    proc = subprocess.run([sys.executable, "-c", _FORK_IMPORTS, *MODULES], cwd=tmp_path_factory.mktemp("imports"),
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.parametrize("module", MODULES)
-def test_every_module_imports_alone(module, tmp_path):
-    # A fresh interpreter per module: in this process earlier imports would hide a module that only works
-    # once something else has been imported first. cwd is a temp dir so the repo's files shadow nothing.
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-c", f"import {module}"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, f"`import {module}` alone failed:\n{proc.stderr}"
+def test_every_module_imports_alone(module, import_results):
+    assert import_results[module] == "", f"`import {module}` alone failed:\n{import_results[module]}"
+
+
+def test_a_module_that_fails_alone_is_reported(tmp_path):
+    """The forking importer sees a failure that only shows when a module is imported alone."""
+    pkg = tmp_path / "moedistill_probe"
+    _write(pkg, {"__init__.py": "", "ok.py": "import json\n", "bad.py": "json.dumps(1)\n"})
+    proc = subprocess.run([sys.executable, "-c", _FORK_IMPORTS, "moedistill_probe.ok", "moedistill_probe.bad"],
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(tmp_path)}, capture_output=True, text=True,
+                          timeout=300)
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["moedistill_probe.ok"] == "" and "NameError" in got["moedistill_probe.bad"]
