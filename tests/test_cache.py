@@ -251,6 +251,51 @@ def test_corrupted_or_truncated_shard_names_the_file(topk_cache, tmp_path):
         open_cache(cut, verify=False)
 
 
+def test_shards_are_checksummed_once_then_by_size_and_mtime_and_inspect_rechecks(topk_cache, tmp_path, monkeypatch):
+    """The completed cache records its shards as verified: later opens (any process: the record is
+    a file, read here with the process's own memory cleared) hash nothing; without the record the
+    first open hashes each shard once and writes it again; a shard changed in place is hashed
+    again; `inspect --verify` hashes every shard whatever the record says."""
+    import os
+
+    from moedistill.cache import reader
+
+    hashed = []
+    real = reader.checksum_matches
+    monkeypatch.setattr(reader, "checksum_matches", lambda f, c: hashed.append(Path(f).name) or real(f, c))
+    monkeypatch.setattr(reader, "_verified", set())
+    d = _copy_cache(topk_cache, tmp_path / "c")  # copytree keeps mtimes: the copied record still holds
+    shards = [s["file"] for s in json.loads((d / "manifest.json").read_text())["shards"]]
+    record = json.loads((d / "verified.json").read_text())["shards"]
+    assert [[r[0], r[1], r[2]] for r in record] == [
+        [f, (d / f).stat().st_size, (d / f).stat().st_mtime_ns] for f in shards]
+    open_cache(d)
+    assert hashed == []
+    (d / "verified.json").unlink()
+    open_cache(d)
+    open_cache(d)  # the same process: remembered
+    assert hashed == shards and json.loads((d / "verified.json").read_text())["shards"] == record
+    reader._verified.clear()
+    open_cache(d)  # another process: the record
+    assert hashed == shards
+    # one byte flipped in place, size and mtime put back (what bit rot looks like): the record is
+    # trusted at open, the full check and the per-chunk fletcher32 catch it
+    shard = d / shards[0]
+    st = shard.stat()
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    open_cache(d)
+    assert hashed == shards
+    with pytest.raises(UserError, match=r"shard-00000\.h5 is corrupted"):
+        inspect_cache(d, verify=True)
+    # written without putting the mtime back: hashed again at open
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(UserError, match=r"shard-00000\.h5 is corrupted"):
+        open_cache(d)
+
+
 def test_partial_cache_is_never_accepted(topk_cache, tmp_path):
     part = _copy_cache(topk_cache, tmp_path / "partial")
     m = json.loads((part / "manifest.json").read_text())

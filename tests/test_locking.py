@@ -197,7 +197,7 @@ def test_a_lock_left_by_a_killed_cache_generation_does_not_block_the_rerun(world
     holder.wait(timeout=60)
     assert [p.name for p in cache.iterdir()] == [LOCK_FILE]
     assert main(["cache", *overrides(world, tmp_path / "out")]) == 0, capsys.readouterr().err[-3000:]
-    assert sorted(p.name for p in cache.iterdir()) == ["manifest.json", "shard-00000.h5"]
+    assert sorted(p.name for p in cache.iterdir()) == ["manifest.json", "shard-00000.h5", "verified.json"]
     assert _shard_checksums(cache) == _shard_checksums(world.ref / "cache" / "topk")
 
 

@@ -38,6 +38,7 @@ from moedistill.cache.layout import (
     FORMAT_NAME,
     MANIFEST,
     PARTS_DIR,
+    VERIFIED,
     add_stats,
     empty_stats,
     identity_diff,
@@ -301,6 +302,7 @@ def _is_ours(p: Path) -> bool:
     return (
         name == PARTS_DIR
         or name.startswith(MANIFEST)
+        or name.startswith(VERIFIED)
         or (name.startswith("shard-") and (".h5" in name or ".json" in name))
     )
 

@@ -32,6 +32,7 @@ from moedistill.cache import encode  # also registers hdf5plugin's zstd filter w
 from moedistill.errors import UserError
 
 MANIFEST = "manifest.json"
+VERIFIED = "verified.json"  # the shards' (size, mtime, checksum) when last checksummed in full (reader.py)
 PARTS_DIR = "parts"
 FORMAT_NAME = "moedistill-teacher-cache"
 TARGET_DATASETS = ("target_ids", "target_deltas", "target_counts")

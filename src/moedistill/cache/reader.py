@@ -11,16 +11,49 @@ import torch
 from torch.utils.data import Dataset
 
 from moedistill.cache import encode
-from moedistill.cache.layout import TARGET_DATASETS, load_manifest, open_h5
+from moedistill.cache.layout import TARGET_DATASETS, VERIFIED, load_manifest, open_h5, read_json
 from moedistill.data import shifted_labels
 from moedistill.errors import UserError
-from moedistill.files import file_checksum
+from moedistill.files import atomic_write_json, file_checksum
 from moedistill.fingerprints import model_fingerprint, tokenizer_hash
 
 CHECKSUM_ALGORITHMS = ("xxh3_128", "sha256")  # what a manifest's "checksum" may name (sha256: older caches)
 EXPECT_KEYS = {"teacher", "tokenizer", "data", "seq_len", "mode", "vocab_size", "top_k", "num_samples"}
 
 # --------------------------------------------------------------------------- verification
+
+# Checksums, once. Hashing every shard at every open costs a read of the whole cache per command
+# and per rank (hundreds of GB for a real corpus). A full checksum therefore runs once per cache:
+# at the first open (or when the generator completes it), after which ``verified.json`` in the cache
+# directory records each shard's (size, mtime_ns, checksum) as verified, and later opens, in any
+# process, hash only a shard whose size or modification time differs from that record. A cache in
+# a directory this process cannot write is hashed once per process (``_verified``). Corruption
+# that keeps a file's size and mtime (bit rot) is still caught: every HDF5 chunk carries a
+# fletcher32 checksum that is verified whenever it is read, and ``moedistill inspect --verify``
+# (``recheck``) hashes every shard whatever the record says.
+_verified: set[tuple] = set()  # (resolved shard path, size, mtime_ns, checksum) hashed by this process
+
+
+def _stamp(f: Path, shard: dict) -> tuple:
+    st = f.stat()
+    return (str(f.resolve()), st.st_size, st.st_mtime_ns, shard["checksum"])
+
+
+def _recorded(path: Path) -> set[tuple]:
+    try:
+        return {(str((path / name).resolve()), size, mtime, checksum)
+                for name, size, mtime, checksum in read_json(path / VERIFIED)["shards"]}
+    except (OSError, ValueError, KeyError, TypeError, UserError):  # absent or unreadable: hash again
+        return set()
+
+
+def _record(path: Path, stamps: list[tuple]) -> None:
+    try:
+        atomic_write_json(path / VERIFIED, {"shards": [[Path(f).name, size, mtime, checksum]
+                                                      for f, size, mtime, checksum in stamps]})
+    except (OSError, UserError):  # read-only or full: this process remembers, the next one hashes again
+        pass
+
 
 
 def checksum_matches(path: Path, expected: str) -> bool:
@@ -30,13 +63,16 @@ def checksum_matches(path: Path, expected: str) -> bool:
     return file_checksum(path, algo) == expected
 
 
-def verify_shards(path: Path, manifest: dict, checksums: bool = True) -> None:
+def verify_shards(path: Path, manifest: dict, checksums: bool = True, recheck: bool = False) -> None:
     """Check that the listed shards exist, have the recorded size (and checksum), open as
     HDF5, and together cover sequences ``0..num_sequences`` in order. Raises UserError
-    naming the file at fault."""
+    naming the file at fault. ``checksums``: hash the shards not yet verified unchanged (see
+    ``_verified``); ``recheck``: hash every shard."""
     path = Path(path)
     fix = "regenerate the cache (moedistill cache cache.overwrite=true, or --overwrite)"
     expected_start = 0
+    known = set() if recheck else _verified | _recorded(path)
+    stamps, hashed = [], False
     for s in manifest["shards"]:
         f = path / s["file"]
         if not f.is_file():
@@ -46,8 +82,12 @@ def verify_shards(path: Path, manifest: dict, checksums: bool = True) -> None:
             raise UserError(
                 f"cache shard {f} is truncated or altered: {size} bytes, the manifest says {s['bytes']}; {fix}"
             )
-        if checksums and not checksum_matches(f, s["checksum"]):
-            raise UserError(f"cache shard {f} is corrupted (checksum differs from the manifest); {fix}")
+        if checksums:
+            stamps.append(_stamp(f, s))
+            if stamps[-1] not in known:
+                if not checksum_matches(f, s["checksum"]):
+                    raise UserError(f"cache shard {f} is corrupted (checksum differs from the manifest); {fix}")
+                hashed = True
         try:
             with open_h5(f, "r") as h:
                 rows = int(h["input_ids"].shape[0])
@@ -59,6 +99,9 @@ def verify_shards(path: Path, manifest: dict, checksums: bool = True) -> None:
         expected_start = start + rows
     if expected_start != int(manifest["num_sequences"]):
         raise UserError(f"cache {path} shards cover {expected_start} of {manifest['num_sequences']} sequences; {fix}")
+    if hashed:
+        _verified.update(stamps)
+        _record(path, stamps)
 
 
 def _fingerprint_of(key: str, value):
@@ -232,14 +275,16 @@ class TeacherCache(Dataset):
         )
 
 
-def open_cache(path, expect: dict | None = None, verify: bool = True) -> TeacherCache:
+def open_cache(path, expect: dict | None = None, verify: bool | str = True) -> TeacherCache:
     """Open a complete teacher cache as a torch Dataset, after checking it.
 
     Checks, each failing with one UserError that names the file or the two values:
     the manifest says ``complete``; every shard exists with the recorded size and, when
-    ``verify`` (default), the recorded xxh3-128 checksum (computed once here, not per
-    worker: ~10 GB/s plus disk reads; pass ``verify=False`` for a very large cache -- the
-    fletcher32 checksum of every chunk is still verified whenever it is read); the shards
+    ``verify`` (default), the recorded xxh3-128 checksum (computed here, not per worker, and
+    only for shards not verified unchanged before -- see ``_verified``: the first open hashes
+    the cache, later ones compare sizes and modification times; ``verify="full"`` hashes every
+    shard; ``verify=False`` none -- the fletcher32 checksum of every chunk is still verified
+    whenever it is read); the shards
     cover all sequences; and the fingerprints match ``expect`` (see :func:`check_expect`).
     """
     path = Path(path)
@@ -249,6 +294,6 @@ def open_cache(path, expect: dict | None = None, verify: bool = True) -> Teacher
             f"cache {path} is incomplete (its generation was interrupted or is still running); "
             f"rerun the same `moedistill cache` command to finish it"
         )
-    verify_shards(path, manifest, checksums=verify)
+    verify_shards(path, manifest, checksums=bool(verify), recheck=verify == "full")
     check_expect(path, manifest, expect)
     return TeacherCache(path, manifest)
