@@ -68,18 +68,25 @@ def test_sparse_kl_with_all_ids_equals_full_kl_and_is_lower_bound_for_topk():
     assert torch.all(part <= full + 1e-6) and torch.all(part >= 0)
 
 
-def test_exact_kl_at_qwen3_vocabulary_matches_float64():
-    # At V = 151,936 the fp32 sum of q over V is 1 only to ~1e-5: a KL written as
-    # sum q (log q - z) + logsumexp(z) was off by 3e-4 per position here (bf16 logits of spread 5)
+def test_kls_at_qwen3_vocabulary_match_float64():
+    # At V = 151,936 an fp32 softmax sums to 1 only to ~1e-5: a KL written as sum q (log q - z) +
+    # logsumexp(z) was off by 3e-4 per position here (bf16 logits of spread 5), and the top-k bound
+    # by -1e-5 on average until the student's coarsened masses were divided by their sum
     from moedistill.targets import DenseTargets
 
     g = torch.Generator().manual_seed(7)
     t = (torch.randn(16, 151_936, generator=g) * 5).bfloat16()
     s = (t.float() + torch.randn(16, 151_936, generator=g) * 0.5).bfloat16()
-    got = position_stats(s, torch.zeros(16, dtype=torch.long), DenseTargets(t)).kl.double()
+    labels = torch.zeros(16, dtype=torch.long)
     tl, sl = F.log_softmax(t.double(), -1), F.log_softmax(s.double(), -1)
+    got = position_stats(s, labels, DenseTargets(t)).kl.double()
     ref = (tl.exp() * (tl - sl)).sum(-1)
     assert (got - ref).abs().max() < 2e-5, (got - ref).abs().max()
+    lp, ids = tl.topk(64, -1)
+    got = position_stats(s, labels, TopKTargets(ids, lp.float())).kl.double()
+    s_k, q_rest = sl.gather(1, ids), 1 - lp.exp().sum(-1)
+    ref = (lp.exp() * (lp - s_k)).sum(-1) + q_rest * (q_rest.log() - (1 - s_k.exp().sum(-1)).log())
+    assert (got - ref).mean().abs() < 2e-6 and (got - ref).abs().max() < 1e-5, (got - ref)
 
 
 class _LogitsOnly(torch.nn.Module):

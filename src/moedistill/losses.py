@@ -1077,6 +1077,9 @@ class _SparseTeacher:
         kl = kl + torch.where(
             q_tail > 0, q_tail * (log_q_tail - p_tail.log()), torch.zeros_like(q_tail)
         ).squeeze(1)
+        # The student's |S| + 1 masses sum to 1 only as well as the fp32 softmax summed its V terms
+        # (~1e-5 at V = 151,936), which would read as -log(their sum) in the KL: divide them by it.
+        kl = kl + (_where_sum(valid, p_s) + p_tail.squeeze(1)).log()
         # d KL / d u_j = p_j - q_j on S and p_j (1 - q_tail / p_tail) outside S (p is now 0 on S).
         st["gamma"] = torch.where(valid, p_s - q, torch.zeros_like(q))
         return kl, 1.0 - torch.where(q_tail > 0, q_tail / p_tail, torch.zeros_like(q_tail))
