@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -214,6 +215,8 @@ def calibrate_layers(model: nn.Module, input_ids, on_layer: LayerFn, *, gram: bo
             if i > moe_of.index(last):
                 break  # the layers after the last MoE layer are not needed
             b = moe_of[i]
+            # the last MoE layer's outputs are not needed either: its experts' pre-hook ends each batch
+            stop = i == moe_of.index(last)
             handle, counts, g_in, g_mid = None, None, None, None
             if b is not None:
                 experts = blocks[b][1].experts
@@ -229,15 +232,22 @@ def calibrate_layers(model: nn.Module, input_ids, on_layer: LayerFn, *, gram: bo
                     counts.add_(torch.bincount(index[index < E].reshape(-1).cpu(), minlength=E).double())
                     if gram:
                         _accumulate_gram(module, hidden, index, g_in, g_mid)
+                    if stop:
+                        raise _StopForward
 
                 handle = experts.register_forward_pre_hook(hook, with_kwargs=True)
             try:
                 for j, (hidden, args, kwargs) in enumerate(inputs):
-                    out = layer(hidden, *args, **kwargs)
+                    try:
+                        out = layer(hidden, *args, **kwargs)
+                    except _StopForward:
+                        continue
                     inputs[j] = (out[0] if isinstance(out, tuple) else out, args, kwargs)
             finally:
                 if handle is not None:
                     handle.remove()
+            if stop:
+                inputs.clear()  # the hidden states are not needed any more
             if b is not None:
                 on_layer(b, counts, g_in, g_mid)
                 del g_in, g_mid  # before the next layer allocates its own
@@ -307,15 +317,40 @@ class LayerFactors:
     core[p]: [out, in];  B[p]: [E, out, max_rank];  A[p]: [E, max_rank, in]
     singular_values[p]: [E, max_rank] of the (whitened) deltas, descending.
     All float32 on the teacher layer's device.
+
+    Given ``error_ranks`` (``layer_factors``), the squared reconstruction errors per expert,
+    float64 on the CPU: ``sq_errors[p]`` [len(error_ranks), E, 2] (on the weights
+    ``||W_i - W^_i||^2``, on the routed inputs ``tr(D G D^T)`` of the residual D; NaN without
+    Grams) and ``sq_norms[p]`` [E, 2] (the same of ``W_i``); ``factor_errors`` turns them
+    into the report's relative errors.
     """
 
     core: dict[str, torch.Tensor]
     B: dict[str, torch.Tensor]
     A: dict[str, torch.Tensor]
     singular_values: dict[str, torch.Tensor]
+    error_ranks: tuple[int, ...] = ()
+    sq_errors: dict[str, torch.Tensor] = field(default_factory=dict)
+    sq_norms: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 EXPERT_CHUNK = 8  # experts factorised together: [8, 768, 2048] fp32 temporaries are ~50 MB each
+
+
+@contextmanager
+def _lapack_threads(n: int = 1):
+    """Run the LAPACK calls (eigh, Cholesky, triangular solves, SVD) on ``n`` CPU threads.
+
+    Why: the reductions behind ``eigh`` of a 768 x 768 matrix are memory-bound; with 2 MKL
+    threads on 2 shared cores they spin-wait, measured at 12x the CPU time and 25x the wall
+    time of one thread (0.31 s of CPU for 8 matrices on one thread). Matmuls keep the
+    caller's threads. No effect on CUDA tensors."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(min(n, old))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def _shared_core(W: torch.Tensor, weights: torch.Tensor | None, chunk: int = EXPERT_CHUNK) -> torch.Tensor:
@@ -330,72 +365,128 @@ def _shared_core(W: torch.Tensor, weights: torch.Tensor | None, chunk: int = EXP
     return C
 
 
-def _damped(gram: torch.Tensor, damping: float) -> torch.Tensor:
-    """[b, n, n] Grams -> ``gram + damping * mean(diag) * 1``; an expert never routed (mean diag <= 0) -> 1."""
-    n = gram.shape[-1]
-    eye = torch.eye(n, dtype=gram.dtype, device=gram.device)
+def _damping(gram: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """[b, n, n] Grams -> ``(gram, shift [b])``: the whitening Gram is ``gram + shift * 1`` with
+    ``shift = damping * mean(diag)``. An expert never routed (mean diag <= 0, or not finite) gets
+    the identity: its Gram zeroed (a copy, only then) and shift 1."""
     scale = gram.diagonal(dim1=-2, dim2=-1).mean(-1)
     ok = torch.isfinite(scale) & (scale > 0)
-    damped = gram + (damping * torch.where(ok, scale, 0))[:, None, None] * eye
-    return torch.where(ok[:, None, None], damped, eye)
+    if not bool(torch.isfinite(scale).all()):
+        gram = torch.where(ok[:, None, None], gram, 0)
+    return gram, torch.where(ok, damping * scale, 1.0)
+
+
+def _damped(gram: torch.Tensor, damping: float) -> torch.Tensor:
+    """[b, n, n] Grams -> ``gram + damping * mean(diag) * 1`` (a copy); an expert never routed -> 1."""
+    gram, shift = _damping(gram, damping)
+    return _plus_diagonal(gram, shift)
+
+
+def _plus_diagonal(G: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    out = G.clone()
+    out.diagonal(dim1=-2, dim2=-1).add_(shift[:, None].to(G.dtype))
+    return out
 
 
 def _cholesky(G: torch.Tensor) -> torch.Tensor:
     """Lower Cholesky factors of damped Grams [b, n, n]; a numerically indefinite one is damped harder once."""
-    S, info = torch.linalg.cholesky_ex(G)
-    bad = info != 0
-    if bool(bad.any()):
-        scale = G[bad].diagonal(dim1=-2, dim2=-1).mean(-1)
-        S[bad] = torch.linalg.cholesky(G[bad] + scale[:, None, None] * torch.eye(G.shape[-1], dtype=G.dtype,
-                                                                                 device=G.device))
+    with _lapack_threads():
+        S, info = torch.linalg.cholesky_ex(G)
+        bad = info != 0
+        if bool(bad.any()):
+            scale = G[bad].diagonal(dim1=-2, dim2=-1).mean(-1)
+            S[bad] = torch.linalg.cholesky(G[bad] + scale[:, None, None] * torch.eye(G.shape[-1], dtype=G.dtype,
+                                                                                     device=G.device))
     return S
 
 
-def truncated_factors(D: torch.Tensor, G: torch.Tensor | None, rank: int):
-    """Rank-``rank`` factors ``B [b, out, r]``, ``A [b, r, in]`` and singular values ``[b, r]`` of a batch of deltas.
+def _dot(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """``sum(a[i] * b[i])`` [n] float64 of ``a`` [n, rows, cols]; ``b`` [n, rows, cols], or
+    [rows, cols] shared by all, or None for ``||a[i]||^2``. Rows of ``cols`` in float32 (torch's
+    reductions; one long float32 dot loses ~1e-3 over a 768 x 2048 matrix), their sums in float64;
+    no [n, rows, cols] temporary unless ``b`` is batched."""
+    if b is None:
+        rows = torch.linalg.vector_norm(a, dim=-1).square()
+    elif b.dim() < a.dim():
+        rows = torch.einsum("nrc,rc->nr", a, b)
+    else:
+        rows = (a * b).sum(-1)
+    return rows.double().sum(-1)
 
-    ``D`` [b, out, in] float32; ``G`` [b, in, in] damped Grams of the inputs (activation-aware)
-    or None (plain). ``B A`` minimises ``||(D - B A) S||_F`` with ``S S^T = G`` (``S = 1`` plain),
-    the rank-r truncated SVD ``D S = U Σ V^T`` un-whitened, split ``B = U_r Σ_r^½``.
+
+def truncated_factors(D: torch.Tensor, G: torch.Tensor | None, rank: int, shift: torch.Tensor | None = None,
+                      core: torch.Tensor | None = None, core_gram: torch.Tensor | None = None):
+    """Rank-``rank`` factors of a batch of deltas, the whole spectrum, and ``tr(W G_d W^T)``.
+
+    ``D`` [b, out, in] float32; ``G`` [b, in, in] Grams of the inputs and ``shift`` [b]: whiten
+    with ``G_d = G + shift * 1`` (activation-aware), or G None (plain). ``B A`` minimises
+    ``||(D - B A) S||_F`` with ``S S^T = G_d`` (``S = 1`` plain), the rank-r truncated SVD
+    ``D S = U Σ V^T`` un-whitened, split ``B = U_r Σ_r^½``.
+    Returns ``B [b, out, rank]``, ``A [b, rank, in]``, ``Σ_r`` [b, rank], ``energy [b, min(out, in)]``
+    (all the ``σ^2`` of ``D S``, descending: ``||(D - B_r A_r) S||_F^2`` is the sum of those after
+    the r-th, for every r, with no further product) and, given ``core`` C [out, in] and G,
+    ``tr(W G_d W^T)`` [b] float64 of ``W = D + C`` (``core_gram`` = C^T C when out <= in).
 
     Why eigh and not ``torch.linalg.svd``: the SVD of ``D S`` is taken through the
-    eigendecomposition of its smaller Gram (``D G D^T`` [out, out] when out <= in, else
+    eigendecomposition of its smaller Gram (``D G_d D^T`` [out, out] when out <= in, else
     ``(D S)^T (D S)`` [in, in]), one batched float32 ``eigh`` of a 768 x 768 matrix instead of
     an SVD of 768 x 2048: ~10x less CPU than the float64 SVD, and, unlike a randomized SVD
     (2.4% above optimal at 2 power iterations on the flat spectra of expert deltas), optimal
     to float32 rounding: the factors are ``U_r U_r^T D`` (a projection of ``D`` itself), so
     an eigenvector's rounding error costs the reconstruction only to second order. Exact
-    at full rank. For out <= in the whitening needs no factorisation at all (``U`` comes
-    from ``D G D^T``); otherwise one Cholesky factor per expert and input statistic.
+    at full rank. For out <= in the whitening needs no factorisation and no damped copy of
+    the Gram at all (``U`` comes from ``D (G D^T + shift D^T)``); otherwise one Cholesky
+    factor per expert and input statistic.
     """
     b, out, inn = D.shape
     r = min(rank, out, inn)
+    tr_w = None
     if out <= inn:
-        K = D @ (G @ D.transpose(1, 2)) if G is not None else D @ D.transpose(1, 2)  # [b, out, out] = (DS)(DS)^T
-        w, U = torch.linalg.eigh(K)
+        T = G @ D.transpose(1, 2) if G is not None else D.transpose(1, 2)  # [b, in, out] = G D^T
+        if G is not None:
+            T += shift[:, None, None].to(T.dtype) * D.transpose(1, 2)  # G_d D^T
+        K = D @ T  # [b, out, out] = (DS)(DS)^T
+        if G is not None and core is not None:
+            # tr(W G_d W^T) = tr(D G_d D^T) + 2 <C^T, G_d D^T> + <C^T C, G> + shift ||C||^2:
+            # no [in, in] product per expert
+            cg = core_gram if core_gram is not None else core.T @ core
+            tr_w = (K.diagonal(dim1=-2, dim2=-1).double().sum(-1) + 2 * _dot(T, core.T.contiguous())
+                    + _dot(G, cg) + shift.double() * float(core.double().square().sum()))
+        del T
+        with _lapack_threads():
+            w, U = torch.linalg.eigh(K)
+        energy = w.flip(-1)
         U = U.flip(-1)[..., :r]
-        sv = w.flip(-1)[..., :r].clamp_min(0).sqrt()
+        sv = energy[..., :r].clamp_min(0).sqrt()
         P = U.transpose(1, 2) @ D  # [b, r, in] = Σ V^T S^{-1}
         root = sv.sqrt()
         inv = torch.where(root > 0, 1 / root.clamp_min(torch.finfo(D.dtype).tiny), 0)
         B, A = U * root[:, None, :], inv[:, :, None] * P
     else:
-        S = _cholesky(G) if G is not None else None
+        S = _cholesky(_plus_diagonal(G, shift)) if G is not None else None  # [b, in, in], the smaller side
         Y = D @ S if S is not None else D  # [b, out, in] = D S
-        w, V = torch.linalg.eigh(Y.transpose(1, 2) @ Y)  # [b, in, in]
+        if S is not None and core is not None:
+            WS = core @ S
+            WS += Y
+            tr_w = _dot(WS)  # ||W S||^2
+            del WS
+        with _lapack_threads():
+            w, V = torch.linalg.eigh(Y.transpose(1, 2) @ Y)  # [b, in, in]
+        energy = w.flip(-1)
         V = V.flip(-1)[..., :r]
-        sv = w.flip(-1)[..., :r].clamp_min(0).sqrt()
+        sv = energy[..., :r].clamp_min(0).sqrt()
         root = sv.sqrt()
         inv = torch.where(root > 0, 1 / root.clamp_min(torch.finfo(D.dtype).tiny), 0)
         B = (Y @ V) * inv[:, None, :]  # U_r Σ_r^½ = D S V_r Σ_r^-½
         A = root[:, :, None] * V.transpose(1, 2)  # Σ_r^½ V_r^T, then S^{-1} on the right
         if S is not None:
-            A = torch.linalg.solve_triangular(S, A, upper=False, left=False)
+            with _lapack_threads():
+                A = torch.linalg.solve_triangular(S, A, upper=False, left=False)
     if r < rank:  # rank above min(out, in): pad with zeros (exact already)
         B = torch.nn.functional.pad(B, (0, rank - r))
         A = torch.nn.functional.pad(A, (0, 0, 0, rank - r))
         sv = torch.nn.functional.pad(sv, (0, rank - r))
-    return B, A, sv
+    return B, A, sv, energy, tr_w
 
 
 def _gram_of(p: str, gram_in, gram_mid):
@@ -414,35 +505,87 @@ def layer_factors(
     gram_mid: torch.Tensor | None = None,
     damping: float = DEFAULT_DAMPING,
     chunk: int = EXPERT_CHUNK,
+    error_ranks=(),
+    on_first_chunk: Callable[[LayerFactors], None] | None = None,
 ) -> LayerFactors:
     """Shared cores and truncated-SVD wrappers of one teacher layer (see the module docstring).
 
     Batched: ``chunk`` experts at a time in float32 (``truncated_factors``), on the device
     of the teacher layer (the GPU when the model is there); gate and up share their inputs,
-    so they share one damped Gram per expert."""
+    so they share one damped Gram per expert.
+
+    ``error_ranks``: ranks (<= max_rank) whose reconstruction errors to record in
+    ``sq_errors`` (on the routed inputs too when the Grams are given). Why here: for the
+    activation-aware SVD the error on the routed inputs at rank r is the energy of the
+    discarded spectrum, ``tr(D G_d D^T) - sum_{j<r} σ_j^2`` with the damped Gram
+    ``G_d = G + shift * 1``, so ``tr(D G D^T) = (discarded) - shift * ||D||^2`` and
+    ``tr(W G W^T)`` come from quantities the factorisation already has: no product with a
+    Gram beyond the factorisation's own (before: ~1.6 TFLOP per layer of Qwen3-30B-A3B).
+    The plain SVD's error on the inputs is not its spectrum's: it is computed directly.
+
+    ``on_first_chunk(f)`` is called once the first ``chunk`` experts' factors and errors are in
+    ``f`` (``compress_layers`` runs its float64 spot check of expert 0 there, while the rest of
+    the layer's factors have not taken their memory yet).
+    """
     W_all = teacher_expert_weights(experts)
     E = W_all["gate"].shape[0]
-    out = LayerFactors({}, {}, {}, {})
-    C = {p: _shared_core(W_all[p], counts if core == "frequency" else None) for p in PROJECTIONS}
+    error_ranks = tuple(int(r) for r in error_ranks)
+    if any(r > max_rank for r in error_ranks):
+        raise ValueError(f"error ranks {error_ranks} above max_rank={max_rank}")
+    C = {p: _shared_core(W_all[p], counts if core == "frequency" else None).float() for p in PROJECTIONS}
+    out = LayerFactors(C, {}, {}, {}, error_ranks=error_ranks)
     dev = W_all["gate"].device
+    has_gram = gram_in is not None and gram_mid is not None
+    aware = svd == "activation"
+    core_gram = {p: C[p].T @ C[p] for p in ("gate", "up")} if aware else {}  # C^T C for tr(W G W^T)
     for p in PROJECTIONS:
         o, i = W_all[p].shape[1:]
         out.B[p] = torch.empty(E, o, max_rank, device=dev)
         out.A[p] = torch.empty(E, max_rank, i, device=dev)
         out.singular_values[p] = torch.empty(E, max_rank, device=dev)
+        if error_ranks:
+            out.sq_errors[p] = torch.full((len(error_ranks), E, 2), math.nan, dtype=torch.float64)
+            out.sq_norms[p] = torch.full((E, 2), math.nan, dtype=torch.float64)
     for s in range(0, E, chunk):
         sl = slice(s, min(s + chunk, E))
-        damped = {}
-        if svd == "activation":
-            damped["in"] = _damped(gram_in[sl].to(dev, torch.float32), damping)
-            damped["mid"] = _damped(gram_mid[sl].to(dev, torch.float32), damping)
+        grams = {}  # the Grams themselves (no damped copy) and their damping shifts
+        if aware:
+            grams["in"] = _damping(gram_in[sl].to(dev, torch.float32), damping)
+            grams["mid"] = _damping(gram_mid[sl].to(dev, torch.float32), damping)
         for p in PROJECTIONS:
-            D = (W_all[p][sl].double() - C[p]).float()
-            G = damped.get("mid" if p == "down" else "in")
-            B, A, sv = truncated_factors(D, G, max_rank)
+            W = W_all[p][sl].to(torch.float32, copy=True)  # a copy even of a float32 teacher: see sub_ below
+            G, shift = grams.get("mid" if p == "down" else "in", (None, None))
+            if error_ranks:
+                w_sq = _dot(W)
+                out.sq_norms[p][sl, 0] = w_sq.cpu()
+                G_raw = _gram_of(p, gram_in, gram_mid)[sl].to(dev, torch.float32) if has_gram and not aware else None
+                if G_raw is not None:
+                    out.sq_norms[p][sl, 1] = _dot(W @ G_raw, W).cpu()
+            D = W.sub_(C[p])  # in place: W itself is not needed any more
+            del W
+            B, A, sv, energy, tr_w = truncated_factors(D, G, max_rank, shift, core=C[p] if aware else None,
+                                                      core_gram=core_gram.get(p))
             out.B[p][sl], out.A[p][sl], out.singular_values[p][sl] = B, A, sv
-        del damped
-    out.core = {p: C[p].float() for p in PROJECTIONS}
+            if not error_ranks:
+                continue
+            if aware:
+                out.sq_norms[p][sl, 1] = (tr_w - shift.double() * w_sq).cpu()
+            # tail[:, j] = sum of the energy from the j-th singular value on (index n: 0)
+            tail = torch.cat([energy.double().flip(-1).cumsum(-1).flip(-1), energy.new_zeros(len(energy), 1,
+                                                                                             dtype=torch.float64)], -1)
+            for j, r in enumerate(error_ranks):
+                R = torch.baddbmm(D, B[..., :r], A[:, :r], beta=-1)  # B A - D: the residual, sign aside
+                r_sq = _dot(R)
+                out.sq_errors[p][j, sl, 0] = r_sq.cpu()
+                if aware:
+                    out.sq_errors[p][j, sl, 1] = (tail[:, min(r, tail.shape[1] - 1)] - shift.double() * r_sq).cpu()
+                elif G_raw is not None:
+                    out.sq_errors[p][j, sl, 1] = _dot(R @ G_raw, R).cpu()
+                del R
+            del D, B, A
+        del grams
+        if s == 0 and on_first_chunk is not None:
+            on_first_chunk(out)
     return out
 
 
@@ -529,8 +672,17 @@ def layer_errors(W_all: dict, core: dict, B: dict, A: dict, gram_in=None, gram_m
     return row
 
 
-def _sliced(f: LayerFactors, rank: int) -> tuple[dict, dict]:
-    return {p: f.B[p][..., :rank] for p in PROJECTIONS}, {p: f.A[p][:, :rank] for p in PROJECTIONS}
+def factor_errors(f: LayerFactors, rank: int) -> dict:
+    """``layer_errors``' row from the squared errors ``layer_factors`` recorded at ``rank`` (no product)."""
+    j = f.error_ranks.index(rank)
+    row = {}
+    for p in PROJECTIONS:
+        num, den = f.sq_errors[p][j].sum(0).tolist(), f.sq_norms[p].sum(0).tolist()
+        row[p] = math.sqrt(max(num[0], 0.0) / den[0]) if den[0] > 0 else 0.0
+        if not math.isnan(num[1]):
+            row[f"{p}_on_inputs"] = math.sqrt(max(num[1], 0.0) / den[1]) if den[1] > 0 else 0.0
+    row["mean"] = sum(row[p] for p in PROJECTIONS) / len(PROJECTIONS)
+    return row
 
 
 @torch.no_grad()
@@ -538,20 +690,23 @@ def fp64_check(W_all: dict, f: LayerFactors, rank: int, *, core: str, svd: str, 
                damping: float = DEFAULT_DAMPING, expert: int = 0) -> list[dict]:
     """The batched float32 factors of one expert against the float64 ``torch.linalg.svd`` reference
     (the pre-batching algorithm), per projection: each one's relative error on the routed
-    inputs (on the weights for ``svd="plain"``) and their relative difference."""
+    inputs (on the weights for ``svd="plain"``), computed directly in float64, and their
+    relative difference; and, where ``f`` recorded errors at ``rank``, the error ``layer_factors``
+    derived from the spectrum (``error_spectral``) against the direct one of the same factors."""
     rows = []
     for p in PROJECTIONS:
         D = W_all[p][expert].double() - f.core[p].double()
         G = _gram_of(p, gram_in, gram_mid)
-        if svd == "activation":
-            Gd = _damped(G[expert : expert + 1].double(), damping)[0]
-            S = torch.linalg.cholesky(Gd)
-            U, sv, Vh = torch.linalg.svd(D @ S, full_matrices=False)
-            Vh = torch.linalg.solve_triangular(S, Vh, upper=False, left=False)
-            G_err = G[expert].double()
-        else:
-            U, sv, Vh = torch.linalg.svd(D, full_matrices=False)
-            G_err = None
+        with _lapack_threads():
+            if svd == "activation":
+                Gd = _damped(G[expert : expert + 1].double(), damping)[0]
+                S = torch.linalg.cholesky(Gd)
+                U, sv, Vh = torch.linalg.svd(D @ S, full_matrices=False)
+                Vh = torch.linalg.solve_triangular(S, Vh, upper=False, left=False)
+                G_err = G[expert].double()
+            else:
+                U, sv, Vh = torch.linalg.svd(D, full_matrices=False)
+                G_err = None
         M64 = (U[:, :rank] * sv[:rank]) @ Vh[:rank]
         M32 = f.B[p][expert, :, :rank].double() @ f.A[p][expert, :rank].double()
 
@@ -564,8 +719,15 @@ def fp64_check(W_all: dict, f: LayerFactors, rank: int, *, core: str, svd: str, 
                              / float(torch.einsum("oi,ij,oj->", Wd, G_err, Wd)))
 
         e32, e64 = err(M32), err(M64)
-        rows.append({"projection": p, "expert": expert, "error_fp32": e32, "error_fp64": e64,
-                     "relative_difference": (e32 - e64) / e64 if e64 > 0 else 0.0})
+        row = {"projection": p, "expert": expert, "error_fp32": e32, "error_fp64": e64,
+               "relative_difference": (e32 - e64) / e64 if e64 > 0 else 0.0}
+        if rank in f.error_ranks:
+            col = 1 if svd == "activation" else 0
+            num = float(f.sq_errors[p][f.error_ranks.index(rank), expert, col])
+            den = float(f.sq_norms[p][expert, col])
+            spectral = math.sqrt(max(num, 0.0) / den) if den > 0 else 0.0
+            row.update(error_spectral=spectral, spectral_difference=(spectral - e32) / e32 if e32 > 0 else 0.0)
+        rows.append(row)
     return rows
 
 
@@ -637,15 +799,18 @@ def compress_layers(
         W_all = teacher_expert_weights(block.experts)
         for v, max_rank in variants.items():
             core, svd = v
+            check = check_fp64 and v == next(iter(variants)) and max_rank > 0
+
+            def spot_check(f, svd=svd, core=core, max_rank=max_rank):
+                result.svd_check.extend({"layer": name, "svd": svd, "rank": max_rank, **row} for row in fp64_check(
+                    W_all, f, max_rank, core=core, svd=svd, gram_in=g_in, gram_mid=g_mid, damping=damping))
+
+            ranks = sorted({*error_ranks.get(v, []), *([max_rank] if check else [])})
             f = layer_factors(block.experts, max_rank=max_rank, core=core, svd=svd, counts=counts,
-                              gram_in=g_in, gram_mid=g_mid, damping=damping)
+                              gram_in=g_in, gram_mid=g_mid, damping=damping, error_ranks=ranks,
+                              on_first_chunk=spot_check if check else None)
             for r in error_ranks.get(v, []):
-                B, A = _sliced(f, r)
-                result.errors[(core, svd, r)][l] = {"layer": name, **layer_errors(W_all, f.core, B, A, g_in, g_mid)}
-            if check_fp64 and v == next(iter(variants)) and max_rank > 0:
-                result.svd_check += [{"layer": name, "svd": svd, "rank": max_rank, **row} for row in
-                                     fp64_check(W_all, f, max_rank, core=core, svd=svd, gram_in=g_in, gram_mid=g_mid,
-                                                damping=damping)]
+                result.errors[(core, svd, r)][l] = {"layer": name, **factor_errors(f, r)}
             if on_layer is not None:
                 on_layer(l, v, f)
             if v in keep:
