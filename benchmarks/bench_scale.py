@@ -302,6 +302,9 @@ def v_experts(a) -> dict:
     from moedistill.compression.modeling_moedistill import CompressedExperts
 
     cfg = AutoConfig.from_pretrained(a.teacher)
+    # A standalone experts module gets no implementation from from_pretrained (None: transformers' per-expert
+    # loop); a loaded teacher gets grouped_mm, torch's grouped matmul, which runs on the CPU in torch >= 2.10.
+    cfg._experts_implementation = a.experts_implementation
     E, H, I, k, T = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok, 2048
     torch.manual_seed(0)
     teacher = Qwen3MoeExperts(cfg)
@@ -564,6 +567,8 @@ def main():
     p.add_argument("--sections", default="compress,export,experts")
     p.add_argument("--old-experts", type=int, default=0, help="time the old factors on N experts (0: all)")
     p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--experts-implementation", default="grouped_mm",
+                   help="the teacher experts' config._experts_implementation (grouped_mm, batched_mm, eager)")
     p.add_argument("--targets", choices=["online", "topk"], default="online", help="eval-*: the teacher's targets")
     p.add_argument("--batch", type=int, default=EVAL_BLOCKS, help="eval-new, eval-old: blocks per batch")
     p.add_argument("--fused", type=int, default=1, help="train-loss: loss.fused_linear")
@@ -620,9 +625,10 @@ def main():
         print(f"fp32 export vs compressed model, 1 layer: logits max abs diff {chk['max_abs_diff']:.2e} "
               f"(max |logit| {chk['max_abs_logit']:.1f}), loaded as {chk['type']}")
     if "experts" in sections:
-        ex = _run("experts", teacher=a.teacher1, repeat=a.repeat)
+        ex = _run("experts", teacher=a.teacher1, repeat=a.repeat, experts_implementation=a.experts_implementation)
         results["experts"] = ex
         print(f"\nexperts fwd+bwd, {ex['tokens']} tokens, top-8, {ex['threads']} threads: teacher "
+              f"({ex['implementation']}) "
               f"{ex['teacher_s']:.2f} s, student (rank {ex['rank']}, {ex['param_ratio']:.3f} of the parameters) "
               f"{ex['student_s']:.2f} s, ratio {ex['ratio']:.3f}")
     if "eval" in sections:

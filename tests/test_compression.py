@@ -291,6 +291,35 @@ def test_activation_svd_is_optimal_on_the_routed_inputs(qwen, stats):
                 assert on_inputs(act[l]) <= on_inputs(plain[l]) * (1 + 1e-6)
 
 
+def test_errors_from_the_spectrum_equal_the_direct_ones(qwen, stats):
+    """compress_layers' errors (on the routed inputs from the discarded spectrum, no Gram product) ==
+    layer_errors on the same factors (float64 products with the Grams), for activation-aware and plain
+    factors, at several ranks and at full rank; its float64 spot check agrees too."""
+    from moedistill.compression.init import compress_layers, layer_errors
+
+    variants = {("frequency", "activation"): I, ("mean", "plain"): I}
+    ranks = [1, 4, I]
+    res = compress_layers(qwen, variants, calibration=stats, error_ranks={v: ranks for v in variants})
+    for v in variants:
+        for l, (_, block) in enumerate(find_moe_blocks(qwen)):
+            f = res.factors[v][l]
+            for r in ranks:
+                B = {p: f.B[p][..., :r] for p in f.B}
+                A = {p: f.A[p][:, :r] for p in f.A}
+                ref = layer_errors(teacher_expert_weights(block.experts), f.core, B, A, stats.gram_in[l],
+                                   stats.gram_mid[l])
+                got = res.errors[(*v, r)][l]
+                assert set(got) == {"layer", *ref}
+                for key, value in ref.items():
+                    assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-5), (v, l, r, key)
+                if r == I:  # exact at full rank
+                    assert max(got[k] for k in ref) < 1e-5
+    assert len(res.svd_check) == 2 * 3  # first variant: one expert per layer and projection
+    for row in res.svd_check:  # at full rank (checked here) both errors are rounding: absolute tolerance
+        assert abs(row["error_fp32"] - row["error_fp64"]) <= 1e-4 * row["error_fp64"] + 1e-6, row
+        assert abs(row["error_spectral"] - row["error_fp32"]) <= 1e-4 * row["error_fp32"] + 1e-6, row
+
+
 def test_rank_from_compression_ratio():
     # ratio = 1/E + r (H + I) / (I H)
     assert rank_for_ratio(1 / 8, 8, 128, 64) == 0
