@@ -22,6 +22,30 @@ def test_both_shipped_configs_validate():
     assert isinstance(tiny, Config) and tiny.teacher.name == "tiny"
 
 
+@pytest.mark.parametrize("name", ["tiny", "default"])
+def test_every_setting_is_a_key_of_the_shipped_yaml(name):
+    """Hydra refuses `key=value` for a key its YAML lacks ("unknown key"), so every field of the
+    config dataclasses must be in both shipped YAMLs for the documented overrides to work."""
+    import dataclasses
+    import typing
+
+    import yaml
+
+    from moedistill.config import DISTILLATION_DIR
+
+    def missing(dc, node, prefix=""):
+        hints = typing.get_type_hints(dc)
+        for f in dataclasses.fields(dc):
+            if not isinstance(node, dict) or f.name not in node:
+                yield prefix + f.name
+            elif dataclasses.is_dataclass(hints[f.name]):
+                yield from missing(hints[f.name], node[f.name], f"{prefix}{f.name}.")
+
+    assert list(missing(Config, yaml.safe_load((DISTILLATION_DIR / f"{name}.yaml").read_text()))) == []
+    cfg = load_config(name, ["compress.dir=/x/compressed", "cache.root=/x/cache"])
+    assert (cfg.compress.dir, cfg.cache.root) == ("/x/compressed", "/x/cache")
+
+
 def test_metric_for_best_model_accepts_what_evaluation_reports():
     for name in ("eval_kl_lower_bound", "kl_lower_bound", "eval_loss", "perplexity"):
         cfg = load_config("tiny", [f"+training.metric_for_best_model={name}"])
