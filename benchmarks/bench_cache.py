@@ -3,8 +3,9 @@
 
     python benchmarks/bench_cache.py            # ~2-4 minutes on 2 CPU cores
     python benchmarks/bench_cache.py --quick    # smaller samples, for a smoke run
+    python benchmarks/bench_cache.py --modes    # only table 5 (~20 s)
 
-Prints four tables:
+Prints five tables:
 
 1. bytes/token at k=64 -- the layout of the original prototype, the earlier distillation
    scripts this project replaces (float16 log-probs + int32 ids + gzip, chunked
@@ -22,6 +23,10 @@ Prints four tables:
 4. reader tokens/s with 0 and 2 DataLoader workers against the tokens/s one optimizer step
    of the tiny student (same size as the tiny teacher) consumes (the faster of 1 and all
    torch threads, so the ratio is not flattered by a slow step).
+5. bytes/token of each cache mode on the embedded default (the tiny teacher, the first 64 x 128
+   tokens of its corpus, k = N = 64, through ``generate_cache``) with the ratio to top-k: top-k;
+   sample with log-probs in the padded layout of format version 1 (the same shards unpacked and
+   written padded), packed (version 2), and packed without log-probs; and each dataset's share.
 
 Last run (2-core CPU, nothing else running, torch 2.13 CPU, 32 s):
   bytes/token ours/prototype: tiny 121.2/213.5 = 0.568; Zipf-like V=151,936 142.9/245.2 = 0.583;
@@ -131,6 +136,7 @@ def write_ours(
     steps = encode.logprob_steps(K)
     arrays = {"input_ids": input_ids.astype(encode.ID_DTYPE)}
     arrays.update(encode.encode_targets(ids.reshape(n, L, K), lp.reshape(n, L, K), steps))
+    arrays = encode.to_disk(arrays, packed=False)
     attrs = {
         "format_version": encode.FORMAT_VERSION, "mode": "topk", "width": K, "top_k": K, "vocab_size": 0,
         "seq_len": L, "logprob_steps": steps, "codec": codec,
@@ -271,6 +277,49 @@ def training_consumption(model, path: Path, batch: int, steps: int = 4) -> float
     return batch * batches[0]["input_ids"].shape[1] / float(np.median(times[1:]))
 
 
+# --------------------------------------------------------------------------- cache modes
+
+
+def mode_sizes(model, tok, packed, workdir: Path, batch: int = 16) -> list[tuple]:
+    """Table 5's rows: ``(cache, B/token, ratio to top-k, per-dataset B/token)``."""
+    import h5py
+
+    from moedistill.cache import encode, generate_cache
+    from moedistill.cache.layout import open_h5
+
+    n_tok = packed.num_tokens
+    sizes = {}
+    for name, kw in (("top-k (k=64)", dict(mode="topk", top_k=K)),
+                     ("sample N=64, log-probs", dict(mode="sample", num_samples=K)),
+                     ("sample N=64, counts only", dict(mode="sample", num_samples=K, sample_logprobs=False))):
+        out = generate_cache(model, tok, packed, workdir / name.replace(" ", "_"), batch_size=batch,
+                             teacher_name="tiny", overwrite=True, progress=False, **kw)
+        sizes[name] = (out, {f.name: storage(f) for f in out.glob("shard-*.h5")})
+    # version 1's padded sample layout: the packed shards unpacked to [rows, W, L], written as version 1 did
+    out = sizes["sample N=64, log-probs"][0]
+    v1 = workdir / "v1.h5"
+    with open_h5(out / "shard-00000.h5") as f, h5py.File(v1, "w") as g:
+        W, lengths = int(f.attrs["width"]), f["target_lengths"][...]
+        for name in ("input_ids", *encode.TARGET_ARRAYS):
+            a = f[name][...] if name == "input_ids" else encode.unpack(f[name][...], lengths, W)
+            g.create_dataset(name, data=a, chunks=(1, *a.shape[1:]), **encode.compression_kwargs(name))
+    sizes["sample N=64, log-probs, padded (version 1)"] = (None, {"v1": storage(v1)})
+    order = ["top-k (k=64)", "sample N=64, log-probs, padded (version 1)", "sample N=64, log-probs",
+             "sample N=64, counts only"]
+    files = {name: sum(((out / f).stat().st_size if out else v1.stat().st_size) for f in parts)
+             for name, (out, parts) in sizes.items()}
+    rows = []
+    for name in order:
+        per = {}
+        for d in sizes[name][1].values():
+            for k, v in d.items():
+                per[k] = per.get(k, 0) + v
+        b = files[name] / n_tok
+        shares = ", ".join(f"{k.replace('target_', '')} {v / n_tok:.1f}" for k, v in per.items() if k != "input_ids")
+        rows.append((name, f"{b:.1f}", f"{b / (files[order[0]] / n_tok):.3f}", shares))
+    return rows
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -278,6 +327,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller samples (a smoke run, noisier numbers)")
     ap.add_argument("--teacher", default="tiny", help="teacher for the real-output rows and the speed tables")
+    ap.add_argument("--modes", action="store_true", help="only table 5: bytes/token of each cache mode")
     args = ap.parse_args(argv)
     from moedistill.data import prepare
     from moedistill.models import get_model
@@ -290,6 +340,10 @@ def main(argv=None):
     try:
         model, tok = get_model(args.teacher, dtype="float32")
         packed = prepare(tok, "tiny", seq_len=L, max_samples=400, max_sequences=n_seq)
+        if args.modes:
+            _print_modes(model, tok, packed if n_seq == 64 else prepare(tok, "tiny", seq_len=L, max_samples=400,
+                                                                       max_sequences=64), work)
+            return
         datasets = {"tiny teacher (V=4,096)": (tiny_teacher_outputs(model, packed.blocks), packed.blocks)}
         t0 = time.time()
         d = synthetic(n_syn, V_BIG)
@@ -367,9 +421,17 @@ def main(argv=None):
                [(f"{r0:,.0f} tok/s", f"{r2:,.0f} tok/s", f"{train:,.0f} tok/s",
                  f"{r0 / train:.0f}x / {r2 / train:.0f}x")])
         print(f"[reader and training: {time.time() - t0:.0f} s]", file=sys.stderr)
+        _print_modes(model, tok, packed if n_seq == 64 else prepare(tok, "tiny", seq_len=L, max_samples=400,
+                                                                   max_sequences=64), work)
         print(f"\n(total {time.time() - t_start:.0f} s; torch {torch.__version__}, {os.cpu_count()} CPUs)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _print_modes(model, tok, packed, work: Path):
+    print(f"\n## 5. bytes/token of each cache mode (tiny teacher, {len(packed.blocks)} x {packed.seq_len} tokens, "
+          f"whole shards; B/token per dataset)\n")
+    _table(["cache", "B/token", "/ top-k", "datasets (B/token)"], mode_sizes(model, tok, packed, work))
 
 
 def _table(header, rows):

@@ -53,6 +53,11 @@ def sample_cache(tiny, packed, tmp_path_factory):
     return _make(tiny, packed, tmp_path_factory.mktemp("sample") / "cache", mode="sample")
 
 
+@pytest.fixture(scope="module")
+def counts_cache(tiny, packed, tmp_path_factory):
+    return _make(tiny, packed, tmp_path_factory.mktemp("counts") / "cache", mode="sample", sample_logprobs=False)
+
+
 # --------------------------------------------------------------------------- encoding
 
 
@@ -113,11 +118,12 @@ def test_manifest_and_inspect_statistics(topk_cache, teacher_logits, capsys):
     assert not (topk_cache / "parts").exists() and not list(topk_cache.glob("*.tmp*"))
 
 
-def test_docs_decode_example_matches_reader(topk_cache, sample_cache):
-    """The plain h5py + numpy example of docs/CACHE_FORMAT.md decodes what open_cache returns."""
+def test_docs_decode_example_matches_reader(tiny, topk_cache, sample_cache, counts_cache, tmp_path):
+    """The plain h5py + numpy example of docs/CACHE_FORMAT.md decodes what open_cache returns
+    (every mode, and a version 1 sample cache)."""
     doc = (ROOT / "docs" / "CACHE_FORMAT.md").read_text()
     code = re.search(r"## Decode in plain h5py.*?```python\n(.*?)```", doc, re.S).group(1)
-    for path in (topk_cache, sample_cache):
+    for path in (topk_cache, sample_cache, counts_cache, _as_version_1(tiny, sample_cache, tmp_path / "v1")):
         ns = {"path": str(path)}
         exec(compile(code, "CACHE_FORMAT.md", "exec"), ns)  # defines ids, logprobs, counts of row 1 of shard 0
         item = open_cache(path)[1]
@@ -382,3 +388,161 @@ def test_hand_edited_manifest_is_refused_in_one_line(topk_cache, tmp_path, edit,
         with pytest.raises(UserError) as e:
             call()
         assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+# --------------------------------------------------------------------------- packed sample layout (version 2)
+
+
+def _padded_reference(seed: int, n: int, W: int, L: int, lengths_fn):
+    """Rank-major [n, W, L] values, zero after each position's length, and the lengths."""
+    rng = np.random.default_rng(seed)
+    lengths = lengths_fn(rng, (n, L)).astype(np.uint8)
+    full = rng.integers(1, 60000, size=(n, W, L)).astype(np.uint32)
+    full[np.arange(W)[None, :, None] >= lengths[:, None, :]] = 0
+    return full, lengths
+
+
+@pytest.mark.parametrize("case", ["ragged", "all_full", "all_one"])
+def test_pack_unpack_against_padded_representation(case):
+    n, W, L = 3, 7, 5
+    fn = {"ragged": lambda r, s: r.integers(1, W + 1, size=s),  # 1..W distinct ids
+          "all_full": lambda r, s: np.full(s, W),  # k = V (or N): no padding at all
+          "all_one": lambda r, s: np.ones(s, np.int64)}[case]  # one distinct id everywhere
+    full, lengths = _padded_reference(0, n, W, L, fn)
+    packed = encode.pack(full, lengths)
+    assert packed.shape == (n, W * L)
+    for i in range(n):  # reference: rank-major walk over the valid entries, then zeros
+        ref = [full[i, j, t] for j in range(W) for t in range(L) if j < lengths[i, t]]
+        np.testing.assert_array_equal(packed[i, : len(ref)], ref)
+        assert not packed[i, len(ref):].any()
+    np.testing.assert_array_equal(encode.unpack(packed, lengths, W), full)
+    k = int(lengths.max())  # the reader's width: only the ranks some position uses
+    np.testing.assert_array_equal(encode.unpack(packed, lengths, k), full[:, :k])
+
+
+def _as_version_1(tiny, cache: Path, out: Path) -> Path:
+    """A copy of the sample ``cache`` in format version 1 (padded [rows, W, L] targets), written
+    from the teacher's own sparse targets (``batch_targets``) with plain h5py, not from the packed shard."""
+    import shutil
+
+    import h5py
+
+    from moedistill import files
+
+    shutil.copytree(cache, out)
+    (out / "verified.json").unlink(missing_ok=True)
+    m = json.loads((out / "manifest.json").read_text())
+    shard = out / m["shards"][0]["file"]
+    with h5py.File(shard, "r") as f:
+        attrs = {k: v for k, v in f.attrs.items() if k not in ("packed", "sample_logprobs")}
+        input_ids = f["input_ids"][...]
+    teacher = tiny[0]
+    r = batch_targets(teacher, torch.from_numpy(input_ids.astype(np.int64)), mode="sample", width=m["width"],
+                      seed=m["seed"])
+    arrays = encode.encode_targets(r["ids"], r["logprobs"], encode.logprob_steps(m["width"]), r["counts"],
+                                   m["num_samples"])
+    shard.unlink()
+    with h5py.File(shard, "w") as f:
+        f.create_dataset("input_ids", data=input_ids, chunks=(1, input_ids.shape[1]),
+                         **encode.compression_kwargs("input_ids"))
+        for name, a in arrays.items():
+            a = np.swapaxes(a, 1, 2)
+            f.create_dataset(name, data=a, chunks=(1, *a.shape[1:]), **encode.compression_kwargs(name))
+        f.attrs.update(dict(attrs, format_version=1))
+    m["format_version"] = 1
+    del m["sample_logprobs"], m["encoding"]["packed"]
+    m["shards"][0].update(bytes=shard.stat().st_size, checksum=files.file_checksum(shard))
+    (out / "manifest.json").write_text(json.dumps(m))
+    return out
+
+
+def test_packed_sample_cache_reads_as_the_version_1_layout(tiny, packed, sample_cache, tmp_path, capsys):
+    """Version 2's packed sample shard gives exactly the items of a version 1 (padded) cache of the
+    same draws, which this moedistill still reads -- and reuses when only the version differs."""
+    import h5py
+
+    with h5py.File(sample_cache / "shard-00000.h5", "r") as f:
+        W = int(f.attrs["width"])
+        assert f.attrs["packed"] and f["target_ids"].shape == (N_SEQ, W * SEQ_LEN)
+        assert f["target_lengths"].shape == (N_SEQ, SEQ_LEN) and f["target_lengths"][...].min() >= 1
+    v1 = _as_version_1(tiny, sample_cache, tmp_path / "v1")
+    new, old = open_cache(sample_cache), open_cache(v1)
+    assert old.k == new.k
+    for i in range(N_SEQ):
+        a, b = new[i], old[i]
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+    inspect_cache(v1, verify=True)
+    assert "complete (format 1)" in capsys.readouterr().out
+    _make(tiny, packed, v1, mode="sample")  # the same configuration: used as it is, nothing rewritten
+    assert "is complete; nothing to do" in capsys.readouterr().err
+    assert json.loads((v1 / "manifest.json").read_text())["format_version"] == 1
+
+
+def test_counts_only_cache_holds_the_same_draws(tiny, packed, sample_cache, counts_cache, tmp_path):
+    import h5py
+
+    with h5py.File(counts_cache / "shard-00000.h5", "r") as f:
+        assert "target_deltas" not in f and not f.attrs["sample_logprobs"]
+    assert json.loads((counts_cache / "manifest.json").read_text())["sample_logprobs"] is False
+    full, co = open_cache(sample_cache), open_cache(counts_cache)
+    for i in range(N_SEQ):
+        a, b = full[i], co[i]
+        assert torch.equal(a["input_ids"], b["input_ids"])
+        # the same (id, count) pairs at every position, ordered by count
+        da = torch.zeros(SEQ_LEN, 4097).scatter_(-1, a["target_ids"].clamp(min=-1) % 4097, a["target_counts"])
+        db = torch.zeros(SEQ_LEN, 4097).scatter_(-1, b["target_ids"].clamp(min=-1) % 4097, b["target_counts"])
+        assert torch.equal(da[:, :4096], db[:, :4096])
+        assert (torch.diff(b["target_counts"], dim=-1) <= 0).all()
+        valid = b["target_ids"] >= 0
+        ref = torch.log(b["target_counts"].double() / N_DRAWS).float()
+        assert torch.equal(b["target_logprobs"][valid], ref[valid])
+        assert torch.isneginf(b["target_logprobs"][~valid]).all()
+    with pytest.raises(UserError, match="sample_logprobs: cache has false, this run has true"):
+        _make(tiny, packed, counts_cache, mode="sample")  # a config that wants log-probs is not served
+
+
+def test_counts_only_loss_at_t1_has_the_same_gradient(sample_cache, counts_cache):
+    """At T = 1 the sample estimate weighs draws by count alone: the gradient is the one from the
+    cache with log-probs; the value differs by sum_S (c/N)(lp - log(c/N)) per counted position."""
+    from moedistill.losses import distillation_loss
+
+    full, co = open_cache(sample_cache), open_cache(counts_cache)
+    a = {k: torch.stack([full[i][k] for i in range(2)]) for k in full[0]}
+    b = {k: torch.stack([co[i][k] for i in range(2)]) for k in co[0]}
+    logits = torch.randn(2, SEQ_LEN, 4096, generator=torch.Generator().manual_seed(0))
+    outs, grads = [], []
+    for d in (a, b):
+        x = logits.clone().requires_grad_(True)
+        out = distillation_loss(x, d["labels"], d["target_ids"], d["target_logprobs"], alpha=0.7, temperature=1.0,
+                                tail="sample", target_counts=d["target_counts"])
+        out.total.backward()
+        outs.append(out)
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=1e-7)
+    torch.testing.assert_close(outs[0].ce, outs[1].ce, rtol=0, atol=0)
+    valid, w = a["target_counts"] > 0, a["target_counts"].double() / N_DRAWS
+    gap = torch.where(valid, w * (a["target_logprobs"].double() - torch.log(w)), 0.0).sum(-1)
+    expected = gap[a["labels"] != -100].mean()
+    torch.testing.assert_close(outs[0].kl.double() - outs[1].kl.double(), expected, rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["loss.temperature=2.0", "loss.tail=sample"], "stages[0].temperature=2.0"),  # tiny.yaml has stages
+    (["loss.temperature=1.0", "loss.tail=tail"], "stages[0].tail=tail"),
+    (["loss.temperature=1.0", "loss.tail=sample", "loss.divergence=jsd"], "loss.divergence=jsd"),
+    (["loss.temperature=1.0", "loss.tail=sample"], None),
+])
+def test_counts_only_cache_refused_where_the_loss_needs_logprobs(overrides, needle):
+    from moedistill.config import check_counts_only, load_config
+
+    cfg = load_config("tiny", ["cache.mode=sample", "cache.sample_logprobs=false", *overrides])
+    if needle is None:
+        check_counts_only(cfg, "c")
+        check_counts_only(load_config("tiny", ["loss.temperature=2.0"]), "c", {"alpha": 0.0})  # CE only
+        return
+    with pytest.raises(UserError) as e:
+        check_counts_only(cfg, "c")
+    msg = str(e.value)
+    assert needle in msg and "cache.sample_logprobs=true" in msg and "\n" not in msg

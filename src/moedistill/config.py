@@ -68,6 +68,7 @@ class CacheConfig:
     mode: str = "topk"  # topk | sample
     top_k: int = 64
     num_samples: int = 64  # draws per position in sample mode
+    sample_logprobs: bool = True  # sample mode: store log-probs too (needed at loss.temperature != 1)
     batch_size: int = 8
     overwrite: bool = False
 
@@ -302,6 +303,33 @@ def _check_rules(pg: ParamGroupsConfig, key: str):
                f"{key}.rules[{i}].lr_multiplier={r.lr_multiplier} must be >= 0 and finite (0 freezes)")
         _check(r.weight_decay is None or 0 <= r.weight_decay < math.inf,
                f"{key}.rules[{i}].weight_decay={r.weight_decay} must be >= 0 and finite")
+
+
+def check_counts_only(cfg: Config, cache: str, loss_overrides: dict | None = None) -> None:
+    """UserError unless every stage's loss can use a sample cache without log-probs (``cache`` names it).
+
+    Such a cache holds ids and counts; its log-probs are the draws' own ``log(count / N)``. The
+    ``sample`` estimate of forward KL at T = 1 weighs the draws by count alone (w_i = c_i / N), so
+    its gradient is the same as with the teacher's log-probs; at T != 1 the weights
+    c_i q_i^(1/T - 1) need them, and so do the other tail modes and divergences."""
+    fix = "regenerate it with cache.sample_logprobs=true, or train with loss.temperature=1, loss.tail=sample"
+    bad = []
+    if cfg.loss.divergence != "forward_kl":
+        bad.append(f"loss.divergence={cfg.loss.divergence}")
+    stages = [(f"stages[{i}]", st) for i, st in enumerate(cfg.stages)] or [("loss", cfg.loss)]
+    over = loss_overrides or {}
+    for key, st in stages:
+        alpha, t, tail = (over.get(k, getattr(st, k) if getattr(st, k) is not None else getattr(cfg.loss, k))
+                          for k in ("alpha", "temperature", "tail"))
+        if alpha == 0:  # cross-entropy only: the teacher's targets are not read
+            continue
+        if t != 1:
+            bad.append(f"{key}.temperature={_yaml(t)}")
+        if tail != "sample":
+            bad.append(f"{key}.tail={tail}")
+    if bad:
+        raise UserError(f"the sample cache {cache} stores no log-probs (cache.sample_logprobs=false), which "
+                        f"{', '.join(dict.fromkeys(bad))} needs; {fix} and loss.divergence=forward_kl")
 
 
 def validate(cfg: Config) -> Config:

@@ -23,8 +23,18 @@ at the end). Three integer arrays of shape ``[..., W]``:
   distillation KL is about ``q_j * eps_j * log(q_j / p_j)`` -- proportional to the
   entry's probability -- so bits are best spent on the head.
 - ``counts`` (sample mode only): draws per id, ``uint8`` when N < 256 else ``uint16``;
-  0 marks padding (id 0, delta 0 on disk; ``moedistill.targets.PAD_ID`` / ``PAD_LOGPROB``
-  after decoding).
+  0 marks padding (``moedistill.targets.PAD_ID`` / ``PAD_LOGPROB`` after decoding).
+
+Sample mode stores only the valid entries (format version 2; :func:`pack` / :func:`unpack`).
+A position holds n_t <= W distinct ids, valid entries first, so in the rank-major ``[W, L]``
+array of a row the valid entries are exactly ``j < n_t``. The shard keeps ``lengths`` n_t
+``[rows, L]`` and each target array as ``[rows, W * L]``: the row's valid entries in
+rank-major order (``a[valid]`` in numpy), then zeros. A run of zeros at the end of a chunk
+costs the compressor a few bytes, where padding scattered among the values (version 1:
+38 of 64 entries a position on the tiny teacher) cost a fifth of the cache; one chunk per
+row is kept, so parts still merge by copying compressed chunks. With
+``sample_logprobs=False`` only ids and counts are stored, the entries ordered by count
+(descending; ties keep the log-prob order) and the reader returns ``log(count / N)``.
 
 All functions here but :func:`to_dense` (torch) are pure numpy; the writer and the reader
 call them.
@@ -43,10 +53,11 @@ except ImportError:  # only gzip caches can then be written and read
 from moedistill.errors import UserError
 from moedistill.targets import PAD_COUNT, PAD_ID, PAD_LOGPROB
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: sample mode stores only the valid entries (pack); 1 is still read
 ID_DTYPE = np.uint32
 DELTA_DTYPE = np.uint16
 DELTA_MAX = int(np.iinfo(DELTA_DTYPE).max)
+TARGET_ARRAYS = ("target_ids", "target_deltas", "target_counts")  # per entry; target_lengths is per position
 
 # Compressor (hdf5plugin's Zstandard), see compression_kwargs. zstd and gzip gave the same
 # size on our data (benchmarks/bench_cache.py prints both); zstd writes 3-5x faster.
@@ -112,28 +123,41 @@ def count_dtype(num_samples: int):
     return np.uint8 if num_samples <= np.iinfo(np.uint8).max else np.uint16
 
 
-def encode_targets(ids, logprobs, steps, counts=None, num_samples: int | None = None) -> dict:
-    """Sorted targets -> on-disk arrays ``{"target_ids", "target_deltas"[, "target_counts"]}``.
+def encode_targets(ids, logprobs, steps, counts=None, num_samples: int | None = None,
+                   with_logprobs: bool = True) -> dict:
+    """Sorted targets -> ``{"target_ids", "target_deltas"[, "target_counts"]}`` integer arrays,
+    ``[..., W]`` like the inputs (:func:`to_disk` gives the on-disk layout).
 
     ``ids`` int ``[..., W]``, ``logprobs`` float ``[..., W]``, ``counts`` int ``[..., W]``
     (sample mode; 0 = padding) or None (top-k mode, no padding). ``num_samples`` fixes the
-    count dtype so that every part of a cache has the same layout.
+    count dtype so that every part of a cache has the same layout. ``with_logprobs=False``
+    (sample mode): no deltas, and the entries are reordered by count, descending.
     """
     valid = None if counts is None else counts != PAD_COUNT
-    out = {  # padding is stored as id 0, delta 0 (and count PAD_COUNT)
-        "target_ids": (ids if valid is None else np.where(valid, ids, 0)).astype(ID_DTYPE),
-        "target_deltas": encode_logprobs(logprobs, steps, valid),
-    }
+    ids = ids if valid is None else np.where(valid, ids, 0)  # padding is stored as id 0 (and count 0)
+    if not with_logprobs:
+        if counts is None:
+            raise ValueError("with_logprobs=False needs counts (sample mode)")
+        order = np.argsort(-counts.astype(np.int64), axis=-1, kind="stable")  # padding (count 0) stays last
+        return {"target_ids": np.take_along_axis(ids, order, -1).astype(ID_DTYPE),
+                "target_counts": np.take_along_axis(counts, order, -1).astype(count_dtype(num_samples))}
+    out = {"target_ids": ids.astype(ID_DTYPE), "target_deltas": encode_logprobs(logprobs, steps, valid)}
     if counts is not None:
         out["target_counts"] = counts.astype(count_dtype(num_samples))
     return out
 
 
-def decode_targets(ids: np.ndarray, deltas: np.ndarray, steps: np.ndarray, counts: np.ndarray | None = None):
-    """On-disk arrays -> ``(ids int64, logprobs float32, counts float32 | None)``, padding =
-    ``PAD_ID`` / ``PAD_LOGPROB`` / ``PAD_COUNT``."""
-    lp = decode_logprobs(deltas, steps)
+def decode_targets(ids: np.ndarray, deltas: np.ndarray | None, steps: np.ndarray, counts: np.ndarray | None = None,
+                   num_samples: int | None = None):
+    """Arrays of :func:`encode_targets` -> ``(ids int64, logprobs float32, counts float32 | None)``,
+    padding = ``PAD_ID`` / ``PAD_LOGPROB`` / ``PAD_COUNT``. ``deltas`` None (a cache without
+    log-probs): the log-probs are ``log(counts / num_samples)``, the draws' own estimate."""
     ids64 = ids.astype(np.int64)
+    if deltas is None:
+        with np.errstate(divide="ignore"):
+            lp = np.log(counts.astype(np.float64) / float(num_samples)).astype(np.float32)
+    else:
+        lp = decode_logprobs(deltas, steps)
     if counts is None:
         return ids64, lp, None
     valid = counts != PAD_COUNT
@@ -142,16 +166,65 @@ def decode_targets(ids: np.ndarray, deltas: np.ndarray, steps: np.ndarray, count
     return ids64, lp, counts.astype(np.float32)
 
 
+def to_disk(arrays: dict, packed: bool) -> dict:
+    """:func:`encode_targets`' ``[n, L, W]`` arrays -> the shard's datasets: rank-major
+    ``[n, W, L]``, or with ``packed`` (sample mode, version 2) ``target_lengths [n, L]`` and
+    each target array :func:`pack`'ed to ``[n, W * L]``. Other entries pass unchanged."""
+    out = dict(arrays)
+    names = [k for k in TARGET_ARRAYS if k in arrays]
+    for k in names:
+        out[k] = np.ascontiguousarray(np.swapaxes(arrays[k], 1, 2))
+    if packed:
+        counts = arrays["target_counts"]
+        lengths = (counts != PAD_COUNT).sum(-1).astype(counts.dtype)  # valid entries come first
+        out["target_lengths"] = lengths
+        for k in names:
+            out[k] = pack(out[k], lengths)
+    return out
+
+
+def from_disk(raw: dict, width: int) -> dict:
+    """The shard's target datasets of some rows -> ``[n, L, width]`` arrays of
+    :func:`encode_targets` (the first ``width`` ranks), for either layout."""
+    lengths = raw.get("target_lengths")
+    out = {}
+    for k in TARGET_ARRAYS:
+        if k in raw:
+            a = raw[k][:, :width] if lengths is None else unpack(raw[k], lengths, width)
+            out[k] = np.swapaxes(a, 1, 2)
+    return out
+
+
+def pack(a: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Rank-major ``[n, W, L]`` -> ``[n, W * L]``: per row the entries ``j < lengths[t]``
+    (``a[i][valid]``, rank-major order), then zeros."""
+    n, W, L = a.shape
+    valid = (np.arange(W)[:, None] < lengths[:, None, :]).reshape(n, W * L)
+    out = np.zeros((n, W * L), dtype=a.dtype)
+    out[np.arange(W * L) < valid.sum(1, keepdims=True)] = a.reshape(n, W * L)[valid]
+    return out
+
+
+def unpack(packed: np.ndarray, lengths: np.ndarray, width: int) -> np.ndarray:
+    """Inverse of :func:`pack` for the first ``width`` ranks (``lengths <= width``): ``[n, width, L]``,
+    zeros after each position's entries."""
+    n, L = lengths.shape
+    valid = np.arange(width)[:, None] < lengths[:, None, :]  # [n, width, L]
+    out = np.zeros((n, width, L), dtype=packed.dtype)
+    out[valid] = packed[np.arange(packed.shape[1]) < valid.sum((1, 2))[:, None]]
+    return out
+
+
 def compression_kwargs(name: str, codec: str = DEFAULT_CODEC, level: int = DEFAULT_LEVEL) -> dict:
     """``h5py.create_dataset`` filter arguments for dataset ``name`` of a shard.
 
     Token ids (``input_ids``, ``target_ids``): byte-shuffle + compressor. Small integers
-    (``target_deltas``, ``target_counts``, stored rank-major so that each rank's values sit
+    (``target_deltas``, ``target_counts``, ``target_lengths``, stored rank-major so that each rank's values sit
     together): bit-shuffle + compressor, which packs their mostly-zero high bit planes
     away (measured on the V=151,936 synthetic: 20 B/token against 26 with byte-shuffle).
     Every dataset ends with fletcher32, a per-chunk checksum HDF5 verifies on each read.
     """
-    small_ints = name in ("target_deltas", "target_counts")
+    small_ints = name in ("target_deltas", "target_counts", "target_lengths")
     if codec == "zstd":
         if hdf5plugin is None:
             raise UserError("the zstd cache codec needs the hdf5plugin package (pip install hdf5plugin); or use gzip")

@@ -84,6 +84,7 @@ def generate_cache(
     mode: str = "topk",
     top_k: int = 64,
     num_samples: int = 64,
+    sample_logprobs: bool = True,
     batch_size: int = 8,
     overwrite: bool = False,
     teacher_name: str | None = None,
@@ -100,6 +101,8 @@ def generate_cache(
         out_dir: cache directory (created; see docs/CACHE_FORMAT.md).
         mode: ``"topk"`` (the ``top_k`` most probable ids) or ``"sample"`` (``num_samples``
             draws per position at T=1, stored as distinct ids + counts).
+        sample_logprobs: sample mode: store the drawn ids' log-probs too (the loss needs them
+            at a temperature other than 1); ``False`` keeps ids and counts only.
         batch_size: sequences per teacher forward (also the unit of resumption).
         overwrite: replace an existing cache of a different configuration.
         teacher_name: recorded in the manifest (default: the model's ``name_or_path``).
@@ -115,6 +118,7 @@ def generate_cache(
     identity = cache_identity(
         packed, vocab_size=vocab_size, teacher_fp=model_fingerprint(teacher), mode=mode, top_k=top_k,
         num_samples=num_samples, batch_size=batch_size, teacher_name=teacher_name, seed=seed,
+        sample_logprobs=sample_logprobs,
     )
     rank, world = rank_world()
     ranges = _rank_ranges(int(packed.blocks.shape[0]), batch_size, world)
@@ -209,10 +213,14 @@ def _check_inputs(teacher, tokenizer, packed, *, mode, top_k, num_samples, batch
 # --------------------------------------------------------------------------- identity and directory
 
 
-def cache_identity(packed, *, vocab_size, teacher_fp, mode, top_k, num_samples, batch_size, teacher_name, seed) -> dict:
+def cache_identity(packed, *, vocab_size, teacher_fp, mode, top_k, num_samples, batch_size, teacher_name, seed,
+                   sample_logprobs=True) -> dict:
     """The manifest of a new (incomplete) cache: everything but its shards; the
     ``layout.IDENTITY_KEYS`` of it decide whether an existing cache is resumed or reused."""
     width = top_k if mode == "topk" else min(num_samples, vocab_size)
+    sample = mode == "sample"
+    layout = ("target_* datasets are [rows, W * L]: per row the valid entries of the rank-major [W, L] array "
+              "(j < target_lengths[t]), then zeros" if sample else "target_* datasets are rank-major [rows, W, L]")
     return {
         "format": FORMAT_NAME,
         "format_version": encode.FORMAT_VERSION,
@@ -220,6 +228,7 @@ def cache_identity(packed, *, vocab_size, teacher_fp, mode, top_k, num_samples, 
         "mode": mode,
         "top_k": top_k if mode == "topk" else None,
         "num_samples": num_samples if mode == "sample" else None,
+        "sample_logprobs": bool(sample_logprobs) if sample else None,
         "k": top_k if mode == "topk" else None,  # sample mode: the most distinct ids at a position, once complete
         "width": width,
         "vocab_size": int(vocab_size),
@@ -235,7 +244,8 @@ def cache_identity(packed, *, vocab_size, teacher_fp, mode, top_k, num_samples, 
             "seq_len": int(packed.seq_len),
         },
         "encoding": {
-            "layout": "target_* datasets are rank-major [rows, W, L]",
+            "layout": layout,
+            "packed": sample,
             "ids": "uint32, byte-shuffle",
             "logprobs": "uint16 deltas, bit-shuffle: logprob = -cumsum(target_deltas.T * logprob_steps, axis=-1)",
             "logprob_steps": encode.logprob_steps(width).tolist(),
@@ -256,6 +266,8 @@ def _shard_attrs(identity: dict) -> dict:
         "width": identity["width"],
         "top_k": identity["top_k"],
         "num_samples": identity["num_samples"],
+        "packed": bool(enc.get("packed", False)),
+        "sample_logprobs": bool(identity.get("sample_logprobs") if identity["mode"] == "sample" else True),
         "vocab_size": identity["vocab_size"],
         "seq_len": identity["seq_len"],
         "logprob_steps": np.asarray(enc["logprob_steps"], dtype=np.float64),
@@ -283,7 +295,8 @@ def _check_existing(out: Path, identity: dict, overwrite: bool) -> str:
     if overwrite:
         return "new"
     manifest = load_manifest(out)
-    diff = identity_diff(manifest_identity(manifest), manifest_identity(identity))
+    complete = bool(manifest.get("complete"))  # reused whatever its (readable) format version
+    diff = identity_diff(manifest_identity(manifest), manifest_identity(identity), complete=complete)
     if diff:
         more = f" (and {len(diff) - 3} more differences)" if len(diff) > 3 else ""
         raise UserError(
@@ -514,9 +527,9 @@ class _Writer(threading.Thread):
                                           first_index=job["start"]))
             self.targets_s += time.perf_counter() - t
         arrays = {"input_ids": job["input_ids"].astype(encode.ID_DTYPE)}
-        arrays.update(
-            encode.encode_targets(job["ids"], job["logprobs"], self.steps, job["counts"], self.attrs["num_samples"])
-        )
+        arrays.update(encode.encode_targets(job["ids"], job["logprobs"], self.steps, job["counts"],
+                                            self.attrs["num_samples"], bool(self.attrs["sample_logprobs"])))
+        arrays = encode.to_disk(arrays, bool(self.attrs["packed"]))
         attrs = dict(self.attrs, seq_start=job["start"], seq_end=job["end"])
         attrs.update({f"stat_{k}": v for k, v in job["stats"].items()})
         write_part(self.parts_dir / part_name(job["start"], job["end"]), arrays, attrs)

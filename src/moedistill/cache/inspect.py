@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moedistill.cache.layout import PARTS_DIR, load_manifest, parse_part_name, read_json
+from moedistill.cache.layout import PARTS_DIR, load_manifest, packed, parse_part_name, read_json
 from moedistill.cache.reader import TeacherCache, open_cache
 from moedistill.errors import UserError
 
@@ -137,10 +137,15 @@ def summary_lines(s: dict, m: dict) -> list[tuple[str, str]]:
         ]
     enc = m["encoding"]
     steps = enc["logprob_steps"]
+    if s["mode"] == "sample" and m.get("sample_logprobs") is False:
+        values = "no log-probs (counts only; log(count / N) is read)"
+    else:
+        values = f"log-probs uint16 deltas (steps {_frac(min(steps))}..{_frac(max(steps))} nat) bit-shuffle"
+    layout = ("packed: only the valid entries, rank-major, with per-position lengths" if packed(m)
+              else "rank-major, padded" if s["mode"] == "sample" else "rank-major")
     lines.append((
         "encoding",
-        f"rank-major; ids uint32 byte-shuffle, log-probs uint16 deltas (steps {_frac(min(steps))}.."
-        f"{_frac(max(steps))} nat) bit-shuffle; {enc['codec']}({enc['level']}) + fletcher32",
+        f"{layout}; ids uint32 byte-shuffle, {values}; {enc['codec']}({enc['level']}) + fletcher32",
     ))
     return lines
 

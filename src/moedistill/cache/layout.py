@@ -8,12 +8,20 @@ A cache is a directory (docs/CACHE_FORMAT.md)::
     parts/                 only while generating: one small HDF5 file per finished batch
 
 Inside a shard (and a part) with n rows, seq_len L and width W (the per-position target
-axis on disk: the manifest's ``width``)::
+axis on disk: the manifest's ``width``), top-k mode (and sample mode of format version 1)::
 
     input_ids      uint32 [n, L]
     target_ids     uint32 [n, W, L]       rank-major: [i, j, t] is rank j at position t
     target_deltas  uint16 [n, W, L]       log-probs, see moedistill.cache.encode
-    target_counts  uint8|uint16 [n, W, L] (sample mode only)
+    target_counts  uint8|uint16 [n, W, L] (sample mode, version 1)
+
+sample mode (version 2, attribute ``packed``: only the valid entries, ``encode.pack``)::
+
+    input_ids       uint32 [n, L]
+    target_lengths  uint8|uint16 [n, L]      distinct ids n_t at position t
+    target_ids      uint32 [n, W * L]        row i: rank-major valid entries, then zeros
+    target_deltas   uint16 [n, W * L]        (absent when sample_logprobs is false)
+    target_counts   uint8|uint16 [n, W * L]
 
 each chunked by row (one sequence per chunk, so a reader touches one chunk per dataset),
 filtered by (byte- or bit-) shuffle + compressor + fletcher32; the encoding parameters
@@ -35,7 +43,7 @@ MANIFEST = "manifest.json"
 VERIFIED = "verified.json"  # the shards' (size, mtime, checksum) when last checksummed in full (reader.py)
 PARTS_DIR = "parts"
 FORMAT_NAME = "moedistill-teacher-cache"
-TARGET_DATASETS = ("target_ids", "target_deltas", "target_counts")
+TARGET_DATASETS = ("target_lengths", *encode.TARGET_ARRAYS)
 
 # keys of the manifest that must match for a rerun to resume (or reuse) an existing cache
 IDENTITY_KEYS = (
@@ -43,6 +51,7 @@ IDENTITY_KEYS = (
     "mode",
     "top_k",
     "num_samples",
+    "sample_logprobs",
     "width",
     "vocab_size",
     "seq_len",
@@ -88,17 +97,39 @@ def open_h5(path: Path, mode: str = "r") -> h5py.File:
 
 
 def dataset_specs(attrs: dict) -> dict:
-    """name -> (dtype, per-row shape) of every dataset a shard holds. Target arrays are
-    rank-major on disk, ``[width, L]`` per row, so each rank's similar values sit together."""
+    """name -> (dtype, per-row shape) of every dataset a shard (of this version) holds. Target
+    arrays are rank-major on disk, ``[width, L]`` per row, so each rank's similar values sit
+    together; sample mode packs them to ``[width * L]`` (``encode.pack``)."""
     seq_len, width = int(attrs["seq_len"]), int(attrs["width"])
+    if attrs["mode"] != "sample":
+        return {
+            "input_ids": (encode.ID_DTYPE, (seq_len,)),
+            "target_ids": (encode.ID_DTYPE, (width, seq_len)),
+            "target_deltas": (encode.DELTA_DTYPE, (width, seq_len)),
+        }
+    count = encode.count_dtype(int(attrs["num_samples"]))
     specs = {
         "input_ids": (encode.ID_DTYPE, (seq_len,)),
-        "target_ids": (encode.ID_DTYPE, (width, seq_len)),
-        "target_deltas": (encode.DELTA_DTYPE, (width, seq_len)),
+        "target_lengths": (count, (seq_len,)),
+        "target_ids": (encode.ID_DTYPE, (width * seq_len,)),
+        "target_deltas": (encode.DELTA_DTYPE, (width * seq_len,)),
+        "target_counts": (count, (width * seq_len,)),
     }
-    if attrs["mode"] == "sample":
-        specs["target_counts"] = (encode.count_dtype(int(attrs["num_samples"])), (width, seq_len))
+    if not attrs["sample_logprobs"]:
+        del specs["target_deltas"]
     return specs
+
+
+def sample_logprobs(manifest: dict) -> bool | None:
+    """Whether a sample cache stores log-probs (version 1 always did); None in top-k mode."""
+    if manifest.get("mode") != "sample":
+        return None
+    return bool(manifest.get("sample_logprobs", True))
+
+
+def packed(manifest: dict) -> bool:
+    """Whether the target arrays are packed (sample mode from format version 2)."""
+    return manifest.get("mode") == "sample" and int(manifest.get("format_version", 0)) >= 2
 
 
 # --------------------------------------------------------------------------- statistics
@@ -147,15 +178,29 @@ def summarise_stats(stats: dict) -> dict:
 # --------------------------------------------------------------------------- manifest
 
 
+# what describes the layout on disk rather than the targets: a complete cache of an older format
+# version that this moedistill reads holds the same targets, so they do not stop its reuse
+_LAYOUT_ENCODING_KEYS = ("layout", "packed")
+
+
 def manifest_identity(manifest: dict) -> dict:
-    return {k: manifest.get(k) for k in IDENTITY_KEYS}
+    out = {k: manifest.get(k) for k in IDENTITY_KEYS}
+    out["sample_logprobs"] = sample_logprobs(manifest)
+    return out
 
 
-def identity_diff(have: dict, want: dict) -> list[str]:
-    """Human-readable differences between two identities (empty if they match)."""
+def identity_diff(have: dict, want: dict, complete: bool = False) -> list[str]:
+    """Human-readable differences between two identities (empty if they match). ``complete``:
+    ``have`` is a complete cache, which is reused whatever its (readable) format version; a partial
+    one is resumed only by the same version (its parts must share one layout)."""
     out = []
     for k in IDENTITY_KEYS:
-        _diff(k, have.get(k), want.get(k), out)
+        a, b = have.get(k), want.get(k)
+        if complete and k == "format_version":
+            continue
+        if complete and k == "encoding" and isinstance(a, dict) and isinstance(b, dict):
+            a, b = ({x: v for x, v in d.items() if x not in _LAYOUT_ENCODING_KEYS} for d in (a, b))
+        _diff(k, a, b, out)
     return out
 
 

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from moedistill.cache import encode
-from moedistill.cache.layout import TARGET_DATASETS, VERIFIED, load_manifest, open_h5, read_json
+from moedistill.cache.layout import TARGET_DATASETS, VERIFIED, load_manifest, open_h5, read_json, sample_logprobs
 from moedistill.data import shifted_labels
 from moedistill.errors import UserError
 from moedistill.files import atomic_write_json, file_checksum
@@ -168,7 +168,9 @@ class TeacherCache(Dataset):
       ``input_ids`` int64 [L], ``labels`` int64 [L] (shifted: labels[t] = input_ids[t+1], last -100),
       ``target_ids`` int64 [L, W], ``target_logprobs`` float32 [L, W] (log-softmax at T=1 over
       the full vocabulary, sorted descending; padding -1 / -inf), and in sample mode
-      ``target_counts`` float32 [L, W] (draws, summing to num_samples; 0 for padding).
+      ``target_counts`` float32 [L, W] (draws, summing to num_samples; 0 for padding). A sample
+      cache without log-probs (``sample_logprobs`` false) gives ``log(counts / num_samples)``
+      as ``target_logprobs``, its entries ordered by count.
 
     ``width`` is the manifest's ``k``: the stored width (manifest ``width``), which in
     sample mode is cut to the most distinct ids at any position. ``k`` is the same number.
@@ -185,6 +187,7 @@ class TeacherCache(Dataset):
         self.seq_len = int(manifest["seq_len"])
         self.width = int(manifest["k"])
         self.num_samples = manifest.get("num_samples")
+        self.sample_logprobs = sample_logprobs(manifest)  # None in top-k mode
         self.steps = np.asarray(manifest["encoding"]["logprob_steps"], dtype=np.float64)
         self._files = [self.path / s["file"] for s in manifest["shards"]]
         self._starts = [int(s["seq_start"]) for s in manifest["shards"]]
@@ -239,10 +242,10 @@ class TeacherCache(Dataset):
                 f"cache shard {self._files[j]}: rows {lo}..{hi} cannot be read ({str(e).splitlines()[0]}); "
                 f"the file is corrupted, regenerate the cache"
             ) from None
-        width = self.width  # disk: [rows, stored width, L] rank-major -> [rows, L, width]
-        t = {name: np.swapaxes(raw[name][:, :width], 1, 2) for name in TARGET_DATASETS if name in raw}
+        width = self.width  # disk: rank-major [rows, stored width, L] or packed -> [rows, L, width]
+        t = encode.from_disk(raw, width)
         ids, lp, counts = encode.decode_targets(
-            t["target_ids"], t["target_deltas"], self.steps[:width], t.get("target_counts")
+            t["target_ids"], t.get("target_deltas"), self.steps[:width], t.get("target_counts"), self.num_samples
         )
         out = {"input_ids": raw["input_ids"].astype(np.int64), "target_ids": ids, "target_logprobs": lp}
         if counts is not None:

@@ -25,11 +25,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
-import numpy as np
 
 from moedistill.cache import encode
 from moedistill.cache.layout import (
-    TARGET_DATASETS,
     add_stats,
     dataset_specs,
     empty_stats,
@@ -129,13 +127,11 @@ def _create_datasets(f, attrs: dict, rows: int) -> dict:
 def write_part(path: Path, arrays: dict, attrs: dict) -> None:
     """Write one finished batch as a whole file (temporary name -> fsync -> rename).
 
-    ``arrays``: ``input_ids`` [n, L] and the target arrays in their logical ``[n, L, width]``
-    shape (transposed to the rank-major disk layout here)."""
+    ``arrays``: every dataset of ``layout.dataset_specs`` in its disk layout (``encode.to_disk``)."""
     rows = int(arrays["input_ids"].shape[0])
     with _h5_create(path) as (f, _):
         for name, d in _create_datasets(f, attrs, rows).items():
-            a = arrays[name]
-            d[...] = np.swapaxes(a, 1, 2) if name in TARGET_DATASETS else a
+            d[...] = arrays[name]
 
 
 def merge_parts(parts: list[Path], out: Path, attrs: dict) -> dict:

@@ -25,7 +25,7 @@ from moedistill.integrity import check_context
 from moedistill.models import config_or_none
 
 # the generate_cache arguments that are part of the cache's identity (``overwrite`` is not)
-_IDENTITY_ARGS = ("mode", "top_k", "num_samples", "batch_size", "teacher_name", "seed")
+_IDENTITY_ARGS = ("mode", "top_k", "num_samples", "sample_logprobs", "batch_size", "teacher_name", "seed")
 
 
 def cache_dir(cfg: Config, split: str | None = None) -> Path:
@@ -68,6 +68,7 @@ def _generate_kwargs(cfg: Config) -> dict:
         mode=cfg.cache.mode,
         top_k=cfg.cache.top_k,
         num_samples=cfg.cache.num_samples,
+        sample_logprobs=cfg.cache.sample_logprobs,
         batch_size=cfg.cache.batch_size,
         overwrite=cfg.cache.overwrite,
         teacher_name=cfg.teacher.name,
@@ -98,7 +99,7 @@ def _reusable(out: Path, cfg: Config, packed, kwargs: dict) -> bool:
         )
     except Exception:  # noqa: BLE001 - any doubt: take the full path, which loads the teacher and checks properly
         return False
-    if not manifest.get("complete") or identity_diff(manifest_identity(manifest), want):
+    if not manifest.get("complete") or identity_diff(manifest_identity(manifest), want, complete=True):
         return False
     verify_shards(out, manifest, checksums=False)
     report_complete(out)

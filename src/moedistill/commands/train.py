@@ -29,10 +29,12 @@ from pathlib import Path
 from transformers import TrainingArguments
 
 from moedistill.cache import open_cache
+from moedistill.cache.layout import load_manifest, sample_logprobs
 from moedistill.commands import common  # called qualified, so patching common.X reaches every verb
+from moedistill.commands.cache import cache_dir as cache_path
 from moedistill.commands.cache import generate_from_config
 from moedistill.commands.compress import checkpoint_dir, compress_from_config
-from moedistill.config import Config
+from moedistill.config import Config, check_counts_only
 from moedistill.dist import barrier, launched_rank, launched_world
 from moedistill.errors import UserError
 from moedistill.files import atomic_write_json
@@ -180,6 +182,13 @@ def _train(cfg: Config, resume, args, run_dir: Path, *, student, cache_dir, loss
         check_may_start(run_dir, cfg.overwrite)
     if cfg.loss.fused_linear:
         check_fused_engine(sharding_engine(cfg))
+    # a sample cache without log-probs serves only T = 1 forward KL: refused before any work
+    if cache_dir:
+        counts_only = sample_logprobs(load_manifest(Path(cache_dir))) is False
+    else:
+        counts_only = cfg.cache.mode == "sample" and not cfg.cache.sample_logprobs
+    if counts_only:
+        check_counts_only(cfg, str(cache_dir or cache_path(cfg)), loss_overrides)
     model, student_name = _load_student(cfg, student)
     tokenizer = common.teacher_tokenizer(cfg)
     _check_student(cfg, model, student_name, args, loss_overrides)
