@@ -284,13 +284,17 @@ class DistillationTrainer(Trainer):
         if self.is_deepspeed_enabled:
             engine = f"deepspeed-zero{self.accelerator.state.deepspeed_plugin.zero_stage}"
         elif self.is_fsdp_enabled:
-            engine = f"fsdp{getattr(self.accelerator.state.fsdp_plugin, 'fsdp_version', '')}"
+            engine = f"fsdp{self._fsdp_version()}"
         else:
             engine = "ddp" if self.args.world_size > 1 else "single"
         precision = "bf16" if self.args.bf16 else ("fp16" if self.args.fp16 else "no")
         dtype = next(iter(self.accelerator.unwrap_model(self.model).parameters())).dtype
         return {"engine": engine, "world_size": self.args.world_size, "mixed_precision": precision,
                 "dtype": str(dtype).removeprefix("torch.")}
+
+    def _fsdp_version(self) -> int:
+        """The FSDP version accelerate runs (1 where no plugin says otherwise, its default)."""
+        return getattr(getattr(self.accelerator.state, "fsdp_plugin", None), "fsdp_version", 1)
 
     def _zero3_frozen_inputs(self, model) -> None:
         """Under DeepSpeed ZeRO-3 with frozen parameters (e.g. a wrappers-only stage), make the
@@ -309,8 +313,7 @@ class DistillationTrainer(Trainer):
     # ------------------------------------------------------------------ loss
 
     def _fused_head(self, model):
-        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
-        fsdp = f"FSDP{getattr(plugin, 'fsdp_version', 1)}" if self.is_fsdp_enabled else None
+        fsdp = f"FSDP{self._fsdp_version()}" if self.is_fsdp_enabled else None
         check_fused_engine(fsdp or ("DeepSpeed" if self.is_deepspeed_enabled else None))
         return fused_linear_head(model)
 
