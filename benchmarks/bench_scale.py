@@ -249,15 +249,13 @@ def v_make_ckpt(a) -> dict:
 def v_export(a) -> dict:
     import shutil
 
-    from moedistill.compression.export import export_checkpoint
-    from moedistill.models import get_model
+    from moedistill.compression.export import _FileTensors, export_checkpoint
 
     out = Path(a.work) / f"export-{Path(a.ckpt).name}"
     shutil.rmtree(out, ignore_errors=True)
-    # the student as export_checkpoint loads it, to measure the RSS it starts from
-    student, _ = get_model(a.ckpt, with_tokenizer=False)
-    student_bytes = sum(p.numel() * p.element_size() for p in student.parameters())
-    del student
+    # the student's size from its file's header: export_checkpoint reads it a tensor at a time, so
+    # loading it here would set the peak this measures
+    student_bytes = sum(w[4] for w in _FileTensors(Path(a.ckpt)).where.values())
     rss0, t0 = _rss(), time.perf_counter()
     export_checkpoint(a.ckpt, out)
     info = {"peak_rss": _peak(), "peak_above_start": _peak() - rss0, "student_bytes": student_bytes,

@@ -452,6 +452,77 @@ def test_export_streams_into_shards_with_an_index(qwen, stats, tmp_path):
     torch.testing.assert_close(_logits(dense).logits, _logits(student).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_streamed_safetensors_equal_save_files(tmp_path):
+    """write_safetensors, tensor by tensor (whole or in chunks along dim 0), against safetensors' own
+    save_file: the same bytes (header, order, padding), so load_file gives the same tensors."""
+    from safetensors.torch import load_file, save_file
+
+    from moedistill.compression.export import write_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"w.bf16": torch.randn(5, 3, 4, generator=g).bfloat16(), "a.f32": torch.randn(7, generator=g),
+               "h.f16": torch.randn(2, 3, generator=g).half(), "d.f64": torch.randn(3, 1, generator=g).double(),
+               "i.i64": torch.arange(6).reshape(2, 3), "j.i32": torch.arange(3, dtype=torch.int32),
+               "m.bool": torch.tensor([True, False, True]), "u.u8": torch.arange(9, dtype=torch.uint8),
+               "s.i8": torch.tensor([-3, 4], dtype=torch.int8), "empty": torch.zeros(0, 4),
+               "scalar": torch.tensor(2.5), "b.bf16": torch.randn(1, generator=g).bfloat16()}
+    for meta in (None, {"format": "pt"}):
+        save_file(tensors, tmp_path / "ref.safetensors", metadata=meta)
+        specs = {k: (t.dtype, tuple(t.shape)) for k, t in tensors.items()}
+        made = []
+
+        def produce(name):
+            made.append(name)
+            t = tensors[name]
+            return t if t.dim() < 2 else iter(t.split(2))  # chunks whose bytes follow each other
+
+        write_safetensors(tmp_path / "ours.safetensors", specs, produce, metadata=meta)
+        assert sorted(made) == sorted(tensors)
+        assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+        got = load_file(tmp_path / "ours.safetensors")
+        assert got.keys() == tensors.keys()
+        assert all(got[k].dtype == t.dtype and torch.equal(got[k], t) for k, t in tensors.items())
+    with pytest.raises(ValueError, match="header says"):
+        write_safetensors(tmp_path / "bad.safetensors", {"x": (torch.float32, (3,))}, lambda n: torch.zeros(2))
+
+
+def test_export_reads_the_student_one_layer_at_a_time(qwen, stats, tmp_path, monkeypatch):
+    """The export builds the student on the meta device and reads its tensors from the file one at a
+    time: at most one layer's expert factors are real at any moment, and the output's bytes equal
+    those of the whole loaded student's (the fallback path)."""
+    from moedistill.compression import export as ex_mod
+
+    student = mc.compress_model(qwen, rank=3, core="frequency", svd="activation", calibration=stats)
+    student.save_pretrained(tmp_path / "ckpt")
+    seen = []
+    load = ex_mod._FileTensors.load
+
+    def spy(self, module, prefix):
+        seen.append(prefix)
+        assert all(p.is_meta for m in student_ref[0].modules() if isinstance(m, CompressedExperts)
+                   and m is not module for p in m.parameters(recurse=False)), "two layers' factors at once"
+        load(self, module, prefix)
+
+    student_ref = []
+    opener = ex_mod._open_student
+
+    def open_spy(ckpt):
+        s, t = opener(ckpt)
+        student_ref.append(s)
+        assert isinstance(t, ex_mod._FileTensors) and all(p.is_meta for p in s.parameters())
+        return s, t
+
+    monkeypatch.setattr(ex_mod._FileTensors, "load", spy)
+    monkeypatch.setattr(ex_mod, "_open_student", open_spy)
+    export_checkpoint(tmp_path / "ckpt", tmp_path / "out", max_shard_bytes=40_000)
+    assert seen == [f"{n}.experts." for n, _ in find_moe_blocks(student)]
+    (tmp_path / "ref").mkdir()
+    ex_mod.write_plain_shards(student, tmp_path / "ref", torch.float32, 40_000)  # the student loaded whole
+    files = sorted(f.name for f in (tmp_path / "out").glob("model*"))
+    assert files == sorted(f.name for f in (tmp_path / "ref").glob("model*")) and len(files) > 2
+    assert all((tmp_path / "out" / f).read_bytes() == (tmp_path / "ref" / f).read_bytes() for f in files)
+
+
 def test_export_rejects_a_plain_checkpoint(qwen, tmp_path):
     qwen.save_pretrained(tmp_path / "plain")
     with pytest.raises(UserError, match="not a moedistill compressed model"):
