@@ -296,6 +296,7 @@ def v_experts(a) -> dict:
     from transformers import AutoConfig
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
 
+    import moedistill.compression.modeling_moedistill as mm
     from moedistill.compression.init import rank_for_ratio
     from moedistill.compression.modeling_moedistill import CompressedExperts
 
@@ -330,9 +331,13 @@ def v_experts(a) -> dict:
         return best
 
     t_teacher, t_student = time_it(teacher), time_it(student)
+    grouped, mm.USE_GROUPED_MM = mm.USE_GROUPED_MM, False
+    t_loop = time_it(student)  # the per-expert loop, _GroupedLowRank's fallback engine, same process
+    mm.USE_GROUPED_MM = grouped
     n_t = sum(p.numel() for p in teacher.parameters())
     n_s = sum(p.numel() for p in student.parameters())
     return {"teacher_s": t_teacher, "student_s": t_student, "ratio": t_student / t_teacher, "rank": r,
+            "student_loop_s": t_loop, "loop_ratio": t_loop / t_teacher, "grouped_mm": grouped,
             "param_ratio": n_s / n_t, "implementation": getattr(cfg, "_experts_implementation", None),
             "threads": torch.get_num_threads(), "tokens": T}
 
@@ -628,7 +633,8 @@ def main():
         print(f"\nexperts fwd+bwd, {ex['tokens']} tokens, top-8, {ex['threads']} threads: teacher "
               f"({ex['implementation']}) "
               f"{ex['teacher_s']:.2f} s, student (rank {ex['rank']}, {ex['param_ratio']:.3f} of the parameters) "
-              f"{ex['student_s']:.2f} s, ratio {ex['ratio']:.3f}")
+              f"{ex['student_s']:.2f} s (grouped_mm engine: {ex['grouped_mm']}), ratio {ex['ratio']:.3f}; "
+              f"per-expert loop engine {ex['student_loop_s']:.2f} s, ratio {ex['loop_ratio']:.3f}")
     if "eval" in sections:
         results["eval"] = _eval_section(a)
     (Path(a.work) / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -194,6 +194,82 @@ def test_many_experts_float32_forward_backward_equals_per_expert_reference():
         assert _rel(g[name], g_ref[name]) < 1e-5, name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_mm_engine_equals_the_per_expert_loop(dtype, monkeypatch):
+    """_GroupedLowRank's two engines: torch's grouped matmul (fp32/bf16 on the CPU) against the
+    per-expert loop (the previous implementation, still the fallback): outputs and the gradients of
+    x, every factor and the routing weights, within 1e-5 in fp32 (bf16: its rounding). Ranks not a
+    multiple of 16 bytes (B is copied transposed, outputs come padded), a factor in unaligned storage
+    (copied column-major: the layout its transpose needs), experts without tokens, a padding index
+    (= num_experts), and one projection whose factors need no gradient."""
+    from moedistill.compression import modeling_moedistill as mm
+
+    if not hasattr(F, "grouped_mm"):
+        pytest.skip("this torch has no F.grouped_mm")
+    E, H, I, n, k = 12, 32, 24, 40, 3
+    for r in (5, 8, 1):
+        torch.manual_seed(r)
+        ex = CompressedExperts(E, H, I, r).to(dtype)
+        with torch.no_grad():
+            for p in ("gate", "up", "down"):
+                ex.wrapper(p)[0].normal_(std=0.3)
+        ex.wrapper_up_A.requires_grad_(r != 8)  # once: A's gradient not needed
+        if r == 5:  # a factor whose storage is not 16-byte aligned, as a memory-mapped checkpoint gives
+            a = ex.wrapper_gate_A
+            buf = torch.empty(a.numel() + 1, dtype=dtype)
+            buf[1:].copy_(a.detach().reshape(-1))
+            a.data = buf[1:].view(a.shape)
+            assert a.data_ptr() % 16 != 0
+        x0 = torch.randn(n, H, dtype=dtype)
+        logits = torch.randn(n, E)
+        logits[:, [2, 7]] = -1e9  # experts 2 and 7 get no token
+        w0, idx = torch.softmax(logits, -1).topk(k, -1)
+        idx[::5, -1] = E  # expert-parallel padding: skipped
+        w0 = (w0 / w0.sum(-1, keepdim=True)).to(dtype)
+        probe = torch.randn(n, H, dtype=dtype)
+        got = {}
+        for grouped in (True, False):
+            monkeypatch.setattr(mm, "USE_GROUPED_MM", grouped)
+            ex.zero_grad(set_to_none=True)
+            x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+            y = ex(x, idx, w)
+            (y.float() * probe.float()).sum().backward()
+            got[grouped] = {"y": y.detach(), "x": x.grad, "w": w.grad} | {
+                name: p.grad for name, p in ex.named_parameters() if p.grad is not None}
+        assert got[True].keys() == got[False].keys() and ("wrapper_up_A" in got[True]) == (r != 8)
+        for name, ref in got[False].items():
+            assert got[True][name].dtype == ref.dtype and got[True][name].is_contiguous(), name
+            if dtype == torch.float32:
+                assert _rel(got[True][name], ref) < 1e-5, (r, name)
+            else:
+                torch.testing.assert_close(got[True][name], ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()),
+                                           msg=f"{r} {name}")
+        assert bool((got[True]["wrapper_gate_A"][[2, 7]] == 0).all())
+
+
+def test_grouped_mm_engine_is_used_and_skipped_where_it_cannot_run(monkeypatch):
+    """fp32/bf16 with 16-byte rows use grouped_mm; float64 (the per-token reference tests), rows not a
+    multiple of 16 bytes (bf16 with in=12) and no routed row at all take the loop, with equal results."""
+
+    if not hasattr(F, "grouped_mm"):
+        pytest.skip("this torch has no F.grouped_mm")
+    calls = []
+    real = F.grouped_mm
+    monkeypatch.setattr(F, "grouped_mm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    for dtype, H, uses in ((torch.float32, 16, True), (torch.float64, 16, False), (torch.bfloat16, 12, False)):
+        calls.clear()
+        ex = CompressedExperts(4, H, 8, 3).to(dtype)
+        x = torch.randn(6, H, dtype=dtype, requires_grad=True)
+        ex(x, torch.randint(0, 4, (6, 2)), torch.rand(6, 2, dtype=dtype)).sum().backward()
+        assert bool(calls) == uses, (dtype, H)
+    calls.clear()
+    ex = CompressedExperts(4, 16, 8, 3)
+    x = torch.randn(6, 16, requires_grad=True)
+    y = ex(x, torch.full((6, 2), 4), torch.rand(6, 2))  # every pair is padding
+    y.sum().backward()
+    assert not calls and bool((y == 0).all()) and bool((ex.wrapper_gate_A.grad == 0).all())
+
+
 def test_compressed_parameter_names_and_default_yaml_regexes(qwen):
     student = mc.compress_model(qwen, rank=4)
     names = [n for n, _ in student.named_parameters()]

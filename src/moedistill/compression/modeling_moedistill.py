@@ -156,17 +156,35 @@ class _GroupedLowRank(torch.autograd.Function):
     """``y[rows of expert e] = (x[rows of e] @ A[e].T) @ B[e].T`` for rows grouped by expert.
 
     One autograd node whose backward returns the gradients of ``x``, ``A`` and ``B``
-    together, as ``F.linear``'s does; each factor's gradient is written expert by expert
-    into one [E, ...] buffer. Why not autograd over per-expert views: a slice ``A[e]``
+    together, as ``F.linear``'s does. Why not autograd over per-expert views: a slice ``A[e]``
     writes a zero gradient the size of all of ``A`` per expert (cost ~ E^2); ``A.unbind(0)``
     avoids that but its gradient reaches the parameter in a later node, after DeepSpeed
     ZeRO-3 has already released the gathered parameter (the accumulation then fails on a
     0-element weight). Under autocast both matmuls of a segment run in the autocast dtype,
     as ``F.linear`` would; the factors' gradients come back in their own dtype.
+
+    Two engines, equal to rounding (tests/test_compression.py): torch's grouped matmul
+    (``F.grouped_mm``, offsets = cumulative ``counts``) where ``_use_grouped_mm`` allows it,
+    else one pair of matmuls per non-empty expert. Every product is grouped, the backward's
+    too: ``dA_e = (g_e B_e)^T x_e`` and ``dB_e = g_e^T t_e`` are 2-D x 2-D grouped products
+    whose result is the whole [E, ...] gradient (zero for an expert without rows), so the
+    loop's concatenations, zero-filled buffers and per-expert copies disappear. grouped_mm
+    wants every row stride a multiple of 16 bytes: its outputs ``t`` [S, r] come padded that
+    way (a view), ``A`` is used as stored or transposed (strides ``in``), and ``B``, whose
+    rows are ``r`` long, is copied once per call transposed (``B^T`` [E, r, out], row stride
+    ``out``) when ``r`` is not a multiple of 16 bytes; ``in`` and ``out`` must be.
     """
 
     @staticmethod
     def forward(ctx, x, B, A, counts):
+        ctx.counts = counts
+        dt = _compute_dtype(x)
+        if _use_grouped_mm(x, B, A, dt, counts):
+            offs = _offsets(counts, x.device)
+            t = F.grouped_mm(_aligned(x.to(dt)), _aligned(A.to(dt).mT), offs=offs)  # [S, r], rows padded
+            y = F.grouped_mm(_aligned(t), _aligned_mT(B.to(dt)), offs=offs)  # [S, out]
+            ctx.save_for_backward(x, B, A, t)
+            return y
         ts, ys = [], []
         for e, seg in enumerate(x.split(counts)):
             if seg.shape[0]:
@@ -176,10 +194,8 @@ class _GroupedLowRank(torch.autograd.Function):
         if ys:
             t, y = torch.cat(ts), torch.cat(ys)
         else:  # no routed rows at all
-            dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
             t, y = x.new_zeros(0, A.shape[1], dtype=dt), x.new_zeros(0, B.shape[1], dtype=dt)
         ctx.save_for_backward(x, B, A, t)
-        ctx.counts = counts
         return y
 
     @staticmethod
@@ -189,6 +205,18 @@ class _GroupedLowRank(torch.autograd.Function):
         need_x, need_B, need_A = ctx.needs_input_grad[:3]
         dt = t.dtype
         gy = gy.to(dt)
+        if _use_grouped_mm(x, B, A, dt, ctx.counts):
+            offs = _offsets(ctx.counts, x.device)
+            g = _aligned(gy)  # [S, out]
+            gB = gA = gx = None
+            if need_B:
+                gB = F.grouped_mm(_aligned(g.T), _aligned(t), offs=offs).to(B.dtype).contiguous()  # [E, out, r]
+            gt = F.grouped_mm(g, _aligned(_aligned_mT(B.to(dt)).mT), offs=offs)  # [S, r]
+            if need_A:
+                gA = F.grouped_mm(_aligned(gt.T), _aligned(x.to(dt)), offs=offs).to(A.dtype)  # [E, r, in]
+            if need_x:
+                gx = F.grouped_mm(_aligned(gt), _aligned(A.to(dt)), offs=offs).to(x.dtype)  # [S, in]
+            return gx, gB, gA, None
         gB = torch.zeros_like(B) if need_B else None
         gA = torch.zeros_like(A) if need_A else None
         gxs, off = [], 0
@@ -208,6 +236,59 @@ class _GroupedLowRank(torch.autograd.Function):
         if need_x:
             gx = torch.cat(gxs).to(x.dtype) if gxs else torch.zeros_like(x)
         return gx, gB, gA, None
+
+
+# Set to False to force the per-expert loop (tests compare the two engines).
+USE_GROUPED_MM = hasattr(F, "grouped_mm")
+_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype ``F.linear`` would compute ``x``'s products in: the autocast dtype, if on."""
+    if torch.is_autocast_enabled(x.device.type) and x.dtype in _GROUPED_MM_DTYPES:
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def _use_grouped_mm(x: torch.Tensor, B: torch.Tensor, A: torch.Tensor, dt: torch.dtype, counts: list[int]) -> bool:
+    """grouped_mm on the CPU for fp32/bf16/fp16 (CUDA keeps the loop: untested there, and its
+    kernels take bf16 only), when there are rows and the ``in``/``out`` rows are 16-byte multiples."""
+    if not USE_GROUPED_MM or x.device.type != "cpu" or dt not in _GROUPED_MM_DTYPES or x.shape[0] == 0:
+        return False
+    step = 16 // torch.empty(0, dtype=dt).element_size()
+    return A.shape[2] % step == 0 and B.shape[1] % step == 0 and B.shape[2] > 0
+
+
+def _offsets(counts: list[int], device: torch.device) -> torch.Tensor:
+    """grouped_mm's ``offs``: the end row of each group, int32."""
+    return torch.tensor(counts, dtype=torch.int64).cumsum(0).to(device=device, dtype=torch.int32)
+
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or a copy laid out so that grouped_mm takes it: one of the last two strides 1, every
+    other stride and the start a multiple of 16 bytes (a size-1 dim's stride counts too). The copy
+    is row-major where that fits, else column-major in the last two dims (a transposed factor
+    ``A.mT`` [E, in, r] fits only that way when ``r`` is not a multiple of 16 bytes); a tensor
+    that fits neither way (``_use_grouped_mm`` rules those shapes out) is an error."""
+    size = t.element_size()
+
+    def fits(u: torch.Tensor) -> bool:
+        st = u.stride()
+        return u.data_ptr() % 16 == 0 and any(
+            st[unit] == 1 and all((s * size) % 16 == 0 for i, s in enumerate(st) if i != unit % u.dim())
+            for unit in (-1, -2))
+
+    if fits(t):
+        return t
+    for copy in (t.new_empty(t.shape), t.new_empty(t.mT.shape).mT):  # not .contiguous(): keeps size-1 strides
+        if fits(copy):
+            return copy.copy_(t)
+    raise RuntimeError(f"no layout of a {tuple(t.shape)} {t.dtype} tensor suits grouped_mm")
+
+
+def _aligned_mT(B: torch.Tensor) -> torch.Tensor:
+    """``B.mT`` [E, r, out] with 16-byte row strides: a copy when ``r`` is not a multiple of 16 bytes."""
+    return _aligned(B.mT)
 
 
 def find_moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
