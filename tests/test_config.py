@@ -126,3 +126,15 @@ def test_every_sweep_point_gets_its_own_directory():
     long = [f"output_dir=/{'x' * 300}", "loss.alpha=0.5"]
     assert len(sweep_dir_name(long).encode()) <= 200
     assert sweep_dir_name(long) != sweep_dir_name([*long[:1], "loss.alpha=0.9"])
+
+
+def test_run_refuses_a_counts_only_sample_cache_before_any_work(tmp_path, capsys):
+    """`moedistill run` trains a sampled student after compressing, caching and training the top-k
+    one: a loss that cannot use a counts-only sample cache is refused first, with nothing written."""
+    from moedistill.cli import main
+
+    out = tmp_path / "out"
+    assert main(["run", f"output_dir={out}", "cache.sample_logprobs=false", "loss.temperature=2"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err[-1].startswith("error: ") and "without log-probs" in err[-1] and "temperature=2" in err[-1]
+    assert not out.exists()

@@ -328,8 +328,10 @@ def check_counts_only(cfg: Config, cache: str, loss_overrides: dict | None = Non
         if tail != "sample":
             bad.append(f"{key}.tail={tail}")
     if bad:
-        raise UserError(f"the sample cache {cache} stores no log-probs (cache.sample_logprobs=false), which "
-                        f"{', '.join(dict.fromkeys(bad))} needs; {fix} and loss.divergence=forward_kl")
+        raise UserError(f"a sample cache without log-probs ({cache}, cache.sample_logprobs=false) cannot serve "
+                        f"the loss: "
+                        f"{', '.join(dict.fromkeys(bad))} needs the teacher's log-probs; {fix} and "
+                        f"loss.divergence=forward_kl")
 
 
 def validate(cfg: Config) -> Config:
