@@ -477,6 +477,10 @@ def test_save_load_and_export_roundtrip(qwen, mixtral, stats, calib, tmp_path):
         cases[arch] = (ckpt, out, ref)
     with pytest.raises(UserError, match="not empty"):
         export_checkpoint(cases["qwen3_moe"][0], cases["qwen3_moe"][1])
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(UserError, match="is under .*a-file, which is a file"):
+        export_checkpoint(cases["qwen3_moe"][0], tmp_path / "a-file" / "sub")
+    assert (tmp_path / "a-file").read_text() == ""
 
     torch.save(X, tmp_path / "x.pt")
     script = textwrap.dedent(f"""

@@ -352,6 +352,9 @@ def export_checkpoint(ckpt, out, dtype=None, max_shard_bytes: int = 2 << 30) -> 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"export target {out} is a file; choose a new directory")
+    under_file = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if under_file is not None:
+        raise UserError(f"export target {out} is under {under_file}, which is a file; choose a new directory")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"export target {out} exists and is not empty; choose a new directory or remove it")
     if not Path(ckpt).is_dir():
