@@ -138,3 +138,23 @@ def test_run_refuses_a_counts_only_sample_cache_before_any_work(tmp_path, capsys
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert err[-1].startswith("error: ") and "without log-probs" in err[-1] and "temperature=2" in err[-1]
     assert not out.exists()
+
+
+def test_sharding_engine_reads_fsdp_config_as_transformers_does(tmp_path, monkeypatch):
+    """training.fsdp_config is a dict or a JSON file, its keys with or without the "fsdp_" prefix
+    (TrainingArguments strips it): the fused-path check must see the same FSDP version."""
+    import json
+
+    from moedistill.commands.train import sharding_engine
+
+    for var in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"):
+        monkeypatch.delenv(var, raising=False)
+    (tmp_path / "fsdp.json").write_text(json.dumps({"fsdp_version": 1}))
+    for fsdp_config, want in [({"fsdp_version": 1}, "FSDP1"), ({"version": 1}, "FSDP1"), ({}, "FSDP2"),
+                              (str(tmp_path / "fsdp.json"), "FSDP1")]:
+        cfg = load_config("tiny")
+        cfg.training.update(fsdp="full_shard", fsdp_config=fsdp_config)
+        assert sharding_engine(cfg) == want, fsdp_config
+    cfg.training["fsdp_config"] = str(tmp_path / "missing.json")
+    with pytest.raises(UserError, match="training.fsdp_config=.*missing.json: cannot read it as JSON"):
+        sharding_engine(cfg)

@@ -22,6 +22,7 @@ The run directory holds ``stages.json``, ``log.jsonl``, the stage checkpoints, `
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 from pathlib import Path
@@ -110,8 +111,15 @@ def sharding_engine(cfg: Config) -> str | None:
     env = lambda key: os.environ.get(key, "").lower() in ("1", "true")  # noqa: E731
     if env("ACCELERATE_USE_FSDP"):
         return f"FSDP{os.environ.get('FSDP_VERSION', '1')}"  # accelerate launch's default version is 1
-    if cfg.training.get("fsdp"):
-        return f"FSDP{(cfg.training.get('fsdp_config') or {}).get('version', 2)}"  # TrainingArguments' default: 2
+    if cfg.training.get("fsdp"):  # fsdp_config read as TrainingArguments reads it: a dict or a JSON file,
+        fsdp_config = cfg.training.get("fsdp_config") or {}  # keys with or without the "fsdp_" prefix
+        if isinstance(fsdp_config, str):
+            try:
+                fsdp_config = json.loads(Path(fsdp_config).read_text())
+            except (OSError, ValueError) as e:
+                raise UserError(f"training.fsdp_config={fsdp_config}: cannot read it as JSON ({e})") from None
+        version = {k.removeprefix("fsdp_"): v for k, v in dict(fsdp_config).items()}.get("version", 2)
+        return f"FSDP{version}"  # TrainingArguments' default: 2
     if cfg.training.get("deepspeed") or env("ACCELERATE_USE_DEEPSPEED"):
         return "DeepSpeed"
     return None
