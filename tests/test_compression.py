@@ -481,6 +481,10 @@ def test_save_load_and_export_roundtrip(qwen, mixtral, stats, calib, tmp_path):
     with pytest.raises(UserError, match="is under .*a-file, which is a file"):
         export_checkpoint(cases["qwen3_moe"][0], tmp_path / "a-file" / "sub")
     assert (tmp_path / "a-file").read_text() == ""
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="empty is not a checkpoint \\(no config.json\\)"):
+        export_checkpoint(tmp_path / "empty", tmp_path / "out-of-empty")
+    assert not (tmp_path / "out-of-empty").exists()
 
     torch.save(X, tmp_path / "x.pt")
     script = textwrap.dedent(f"""

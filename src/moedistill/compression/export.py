@@ -314,6 +314,9 @@ def _open_student(ckpt: Path):
     """``(student, tensors)``: the compressed model built on the meta device and its weights read from
     the checkpoint's safetensors one tensor at a time when needed (a checkpoint whose files do not hold
     every tensor under the model's names is loaded whole instead, as ``get_model`` does)."""
+    if not (ckpt / "config.json").is_file():
+        raise UserError(f"{ckpt} is not a checkpoint (no config.json); pass a compressed checkpoint directory "
+                        f"(e.g. .../compressed/checkpoint-0 or a run's final/)")
     try:
         config = AutoConfig.from_pretrained(str(ckpt))
     except (OSError, ValueError) as e:
