@@ -19,11 +19,11 @@ import time
 from pathlib import Path
 
 from moedistill.commands import common  # called qualified, so patching common.X reaches every verb
-from moedistill.commands.cache import cache_dir, generate_from_config
+from moedistill.commands.cache import generate_from_config
 from moedistill.commands.compress import compress_from_config
 from moedistill.commands.eval import eval_blocks
-from moedistill.commands.train import sharding_engine, train_from_config, with_cache_mode
-from moedistill.config import Config, check_counts_only
+from moedistill.commands.train import check_cache_serves_loss, sharding_engine, train_from_config, with_cache_mode
+from moedistill.config import Config
 from moedistill.evaluate import evaluate_models
 from moedistill.files import atomic_write_json, atomic_write_text
 from moedistill.integrity import CHECKPOINT_MANIFEST
@@ -53,9 +53,8 @@ def run(cfg: Config, resume: bool = False) -> Path:
             check_may_start(out / "train" / name, cfg.overwrite)
     if cfg.loss.fused_linear:
         check_fused_engine(sharding_engine(cfg))
-    if cfg.run.sample_student and not cfg.cache.sample_logprobs:  # as `train` checks it: before any work
-        sample_cfg = with_cache_mode(cfg, "sample")
-        check_counts_only(sample_cfg, str(cache_dir(sample_cfg)), SAMPLE_STUDENT_LOSS)
+    if cfg.run.sample_student:  # the sampled student's check, which `train` makes too late for `run`
+        check_cache_serves_loss(with_cache_mode(cfg, "sample"), loss_overrides=SAMPLE_STUDENT_LOSS)
     out.mkdir(parents=True, exist_ok=True)
     if not resume:
         atomic_write_json(out / RUN_FILE, {"started": time.time()})

@@ -105,6 +105,17 @@ def _check_student(cfg: Config, model, student_name: str, args, loss_overrides) 
         fused_linear_head(model)
 
 
+def check_cache_serves_loss(cfg: Config, cache_dir: str | None = None, loss_overrides: dict | None = None) -> None:
+    """A sample cache without log-probs (``cache_dir``'s manifest says so, or ``cfg`` would
+    generate one) serves only T = 1 forward KL: a UserError for any other loss, before any work."""
+    if cache_dir:
+        counts_only = sample_logprobs(load_manifest(Path(cache_dir))) is False
+    else:
+        counts_only = cfg.cache.mode == "sample" and not cfg.cache.sample_logprobs
+    if counts_only:
+        check_counts_only(cfg, str(cache_dir or cache_path(cfg)), loss_overrides)
+
+
 def sharding_engine(cfg: Config) -> str | None:
     """"FSDP1", "FSDP2" or "DeepSpeed" when the launch (accelerate's environment) or the training
     settings ask for one, else None: known before the Trainer (or anything else) exists."""
@@ -190,13 +201,7 @@ def _train(cfg: Config, resume, args, run_dir: Path, *, student, cache_dir, loss
         check_may_start(run_dir, cfg.overwrite)
     if cfg.loss.fused_linear:
         check_fused_engine(sharding_engine(cfg))
-    # a sample cache without log-probs serves only T = 1 forward KL: refused before any work
-    if cache_dir:
-        counts_only = sample_logprobs(load_manifest(Path(cache_dir))) is False
-    else:
-        counts_only = cfg.cache.mode == "sample" and not cfg.cache.sample_logprobs
-    if counts_only:
-        check_counts_only(cfg, str(cache_dir or cache_path(cfg)), loss_overrides)
+    check_cache_serves_loss(cfg, cache_dir, loss_overrides)
     model, student_name = _load_student(cfg, student)
     tokenizer = common.teacher_tokenizer(cfg)
     _check_student(cfg, model, student_name, args, loss_overrides)
