@@ -71,6 +71,7 @@ def test_overrides_apply():
         ("param_groups.rules=[{pattern: '(['}]", "is not a valid regex"),
         ("loss.tail=bogus", "must be renormalize, tail or sample"),
         ("loss.alpha=abc", "must be a number"),
+        ("compress.rank_allocation=frequency-energy", "must be uniform, frequency or frequency_energy"),
         # the pre-rename name of the KL: refused before training, not at the first best-model check
         ("+training.metric_for_best_model=eval_kl", "use one of eval_loss, eval_ce, eval_kl_lower_bound"),
     ],

@@ -115,6 +115,7 @@ class CompressConfig:
     compression_ratio: float | None = None  # target expert-parameter ratio (compressed / original)
     core: str = "mean"  # mean | frequency
     svd: str = "plain"  # plain | activation
+    rank_allocation: str = "uniform"  # uniform | frequency | frequency_energy: the same parameters spread by need
     calibration_sequences: int = 32
     report_ranks: list[int] = field(default_factory=list)  # extra ranks for the perplexity-vs-ratio report
     dir: str | None = None  # checkpoint-0 and the report; None: <output_dir>/compressed (a -m sweep: its base)
@@ -390,6 +391,8 @@ def validate(cfg: Config) -> Config:
     )
     _check(c.core in ("mean", "frequency"), f"compress.core={c.core!r} must be mean or frequency")
     _check(c.svd in ("plain", "activation"), f"compress.svd={c.svd!r} must be plain or activation")
+    _check(c.rank_allocation in ("uniform", "frequency", "frequency_energy"),
+           f"compress.rank_allocation={c.rank_allocation!r} must be uniform, frequency or frequency_energy")
     _check(cfg.eval.batch_size >= 1, f"eval.batch_size={cfg.eval.batch_size} must be >= 1")
     _check(cfg.eval.ece_bins >= 1, f"eval.ece_bins={cfg.eval.ece_bins} must be >= 1")
     m = cfg.eval.max_sequences

@@ -330,4 +330,7 @@ def evaluate_model(model, input_ids, **kwargs) -> dict:
 
 
 def count_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Parameters of ``model``; compressed experts with per-expert ranks without their zero padding."""
+    from moedistill.compression.modeling_moedistill import count_parameters as count
+
+    return count(model)

@@ -20,12 +20,16 @@ from transformers import AutoConfig
 from moedistill.commands import common  # called qualified, so patching common.X reaches every verb
 from moedistill.compression.init import (
     DEFAULT_DAMPING,
+    allocate_ranks,
+    allocation_cap,
+    check_rank_allocation,
     compress_layers,
     compression_record,
     finish_student,
     full_rank,
     load_layer_factors,
     new_student,
+    rank_gains,
     resolve_rank,
 )
 from moedistill.compression.report import REPORT_SEQUENCES, VARIANTS, build_report, write_report
@@ -63,7 +67,8 @@ def _teacher_identity(cfg) -> dict:
 
 
 def _uses_calibration(cfg) -> bool:
-    return cfg.compress.core == "frequency" or cfg.compress.svd == "activation"
+    c = cfg.compress
+    return c.core == "frequency" or c.svd == "activation" or c.rank_allocation != "uniform"
 
 
 def settings(cfg) -> dict:
@@ -79,6 +84,8 @@ def settings(cfg) -> dict:
         "svd": c.svd,
         "damping": DEFAULT_DAMPING if c.svd == "activation" else None,
     }
+    if c.rank_allocation != "uniform":  # absent for uniform: earlier checkpoint-0s keep their hash
+        s["rank_allocation"] = c.rank_allocation
     if _uses_calibration(cfg):
         s["calibration"] = {
             "dataset": d.dataset,
@@ -153,40 +160,57 @@ def _compress(cfg, ckpt: Path, s: dict, h: str) -> Path:
 
     # One set of factors per variant, at the largest rank any student of that variant needs, checkpoint-0's
     # first; the layers are calibrated and factorised one at a time (one layer's Grams in memory), and
-    # checkpoint-0's factors go straight into the student.
+    # checkpoint-0's factors go straight into the student. A budgeted rank allocation needs every layer's
+    # spectrum first: checkpoint-0's factors are then kept at the cap and loaded once the ranks are known.
     mine = (c.core, c.svd)
-    variants = {mine: max([rank, *report_ranks])}
+    allocated = c.rank_allocation != "uniform" and rank > 0
+    check_rank_allocation(c.rank_allocation, calibrated=calib is not None)
+    cap = allocation_cap(rank, full) if allocated else rank
+    variants = {mine: max([rank, cap, *report_ranks])}
     for v in VARIANTS if report_ranks else []:
         variants.setdefault(v, max(report_ranks))
     error_ranks = {v: list(report_ranks) for v in variants} if report_ranks else {}
     error_ranks[mine] = sorted({rank, *error_ranks.get(mine, [])})
+    keep = set(variants) if report_ranks else ({mine} if allocated else set())
     record = compression_record(teacher, rank, core=c.core, svd=c.svd, stats=None, damping=DEFAULT_DAMPING)
-    student = new_student(teacher, rank, record)
+    student = None if allocated else new_student(teacher, rank, record)
     result = compress_layers(
         teacher, variants, calibration=None if calib is None else calib.blocks,
-        gram=c.svd == "activation" or bool(report_ranks), error_ranks=error_ranks,
-        keep=set(variants) if report_ranks else set(),
-        on_layer=lambda l, v, f: load_layer_factors(student, l, f) if v == mine else None,
+        gram=c.svd == "activation" or bool(report_ranks), error_ranks=error_ranks, keep=keep,
+        on_layer=lambda l, v, f: load_layer_factors(student, l, f) if v == mine and not allocated else None,
         batch_size=cfg.cache.batch_size,
     )
+    ranks = None
+    if allocated:
+        gains = rank_gains(c.rank_allocation, result.stats.counts, result.factors[mine], svd=c.svd, cap=cap)
+        ranks = allocate_ranks(gains, rank)
+        student = new_student(teacher, rank, record, ranks=ranks)
+        for l, f in enumerate(result.factors[mine]):
+            load_layer_factors(student, l, f)
+        if not report_ranks:
+            result.factors.pop(mine)
     stats, factors = result.stats, result.factors
     if stats is not None:
         print(f"[compress] calibration: {stats.sequences} sequences x {cfg.data.seq_len} tokens of {calib.source}")
     record = compression_record(
-        teacher, rank, core=c.core, svd=c.svd, stats=stats if _uses_calibration(cfg) else None, damping=DEFAULT_DAMPING
+        teacher, rank, core=c.core, svd=c.svd, stats=stats if _uses_calibration(cfg) else None, damping=DEFAULT_DAMPING,
+        rank_allocation=c.rank_allocation, ranks=ranks,
     )
     record.update({"teacher": cfg.teacher.name, "settings": s, "settings_hash": h, "rank": int(rank)})
     student.config.compression = record
     finish_student(student, teacher)
     _save(student, tokenizer, ckpt)
-    print(f"[compress] wrote {ckpt} (rank {rank}, core={c.core}, svd={c.svd})")
+    alloc = "" if ranks is None else (
+        f", {c.rank_allocation} ranks {min(map(min, ranks))}-{max(map(max, ranks))} for the parameters of rank {rank}")
+    print(f"[compress] wrote {ckpt} (rank {rank}{alloc}, core={c.core}, svd={c.svd})")
 
     eval_blocks = common.prepare_split(cfg, tokenizer, cfg.data.eval_split, max_sequences=REPORT_SEQUENCES).blocks
     report = build_report(
         teacher, student, eval_blocks, factors=factors, stats=stats, report_ranks=report_ranks,
         batch_size=cfg.eval.batch_size,
         header={"teacher": cfg.teacher.name, "checkpoint": str(ckpt), "settings": s},
-        checkpoint_0={"rank": rank, "core": c.core, "svd": c.svd},
+        checkpoint_0={"rank": rank, "core": c.core, "svd": c.svd, "rank_allocation": c.rank_allocation,
+                      "ranks": ranks},
         eval_info={"split": cfg.data.eval_split, "sequences": len(eval_blocks), "seq_len": cfg.data.seq_len},
         errors=result.errors, svd_check=result.svd_check,
     )

@@ -43,6 +43,8 @@ from moedistill.errors import UserError
 
 CORES = ("mean", "frequency")
 SVDS = ("plain", "activation")
+RANK_ALLOCATIONS = ("uniform", "frequency", "frequency_energy")
+RANK_CAP = 4  # a budgeted allocation gives an expert at most 4x the uniform rank (and at most the full rank)
 DEFAULT_DAMPING = 1e-2  # relative to the mean diagonal of each Gram matrix
 
 
@@ -745,6 +747,64 @@ def fp64_check(W_all: dict, f: LayerFactors, rank: int, *, core: str, svd: str, 
     return rows
 
 
+# --------------------------------------------------------------------------- rank allocation
+
+
+def allocation_cap(rank: int, full: int) -> int:
+    """The largest rank a budgeted allocation gives one expert: ``RANK_CAP`` x the uniform rank, at most full."""
+    return min(full, RANK_CAP * rank)
+
+
+def rank_gains(mode: str, counts: list, factors: list[LayerFactors] | None = None, *, svd: str = "activation",
+               cap: int) -> torch.Tensor:
+    """What the ``j``-th rank component of expert ``e`` in MoE layer ``l`` is worth: ``[L, E, cap]`` float64.
+
+    ``frequency``: ``f_le / (j + 1)`` with ``f_le`` the share of layer ``l``'s routed pairs that went to
+    expert ``e``. Taking the largest gains gives expert ``e`` about ``f_le / τ`` components for a
+    threshold ``τ``: ranks proportional to routing frequency, every layer the same budget.
+
+    ``frequency_energy``: the squared error the component removes, summed over gate, up and down:
+    greedy on marginal energy per parameter. With the activation-aware SVD these are the
+    ``σ_j^2`` of ``D_e S_e``, the error on expert ``e``'s routed calibration inputs (its Gram sums
+    over the tokens routed to it, so the frequency is in it already, and the layers' own scales
+    too); with the plain SVD the weight-space ``σ_j^2`` times ``f_le``. Within an expert the gains
+    never increase with ``j``, so the largest ones are a prefix of every expert's components
+    (every component of every expert costs ``3 (H + I)`` parameters).
+
+    Measured on the embedded default (checkpoint-0 at rank 4's parameters, whole validation
+    split; docs/DISTILLATION.md): the energy summed as is beat the energy divided by each
+    layer's total (layers compared by relative error), which spread the budget evenly over layers.
+    """
+    c = torch.stack([torch.as_tensor(x, dtype=torch.float64).cpu() for x in counts])  # [L, E]
+    f = c / c.sum(1, keepdim=True).clamp_min(1)
+    j = torch.arange(cap, dtype=torch.float64)
+    if mode == "frequency":
+        return f[:, :, None] / (j + 1)
+    if mode != "frequency_energy":
+        raise ValueError(f"no gains for rank allocation {mode!r}")
+    gains = torch.zeros(len(counts), c.shape[1], cap, dtype=torch.float64)
+    for l, lf in enumerate(factors):
+        for p in PROJECTIONS:
+            sv = lf.singular_values[p][:, :cap].double().cpu()
+            if sv.shape[1] < cap:
+                raise ValueError(f"layer {l}'s factors have rank {sv.shape[1]} < the cap {cap}")
+            # activation: on the routed inputs already; plain: weight-space, weighted by the routed tokens
+            gains[l] += sv.square() if svd == "activation" else c[l][:, None] * sv.square()
+    return gains
+
+
+def allocate_ranks(gains: torch.Tensor, rank: int) -> list[list[int]]:
+    """Per layer and expert, how many components: the ``L E rank`` largest ``gains`` [L, E, cap] (the
+    same parameters as rank ``rank`` everywhere). Ties go to the lower layer, expert and component
+    (a stable sort of the flattened gains), so the result is deterministic."""
+    L, E, cap = gains.shape
+    budget = min(L * E * rank, gains.numel())
+    order = torch.sort(-gains.reshape(-1), stable=True).indices[:budget]
+    ranks = torch.zeros(L * E * cap, dtype=torch.int64)
+    ranks[order] = 1
+    return ranks.view(L, E, cap).sum(-1).tolist()
+
+
 # --------------------------------------------------------------------------- the pipeline
 
 
@@ -897,22 +957,30 @@ def build_student(teacher: nn.Module, factors: list[LayerFactors], rank: int, co
     return finish_student(student, teacher)
 
 
-def new_student(teacher: nn.Module, rank: int, compression: dict) -> nn.Module:
+def new_student(teacher: nn.Module, rank: int, compression: dict, ranks: list[list[int]] | None = None) -> nn.Module:
     """The compressed model with the teacher's non-expert tensors cloned and its experts allocated
     (uninitialised, in the teacher's dtype, on the device of the teacher layer each replaces);
-    ``load_layer_factors`` fills them layer by layer, ``finish_student`` completes it."""
+    ``load_layer_factors`` fills them layer by layer, ``finish_student`` completes it.
+
+    ``ranks``: per MoE layer, each expert's rank (a budgeted allocation, recorded in
+    ``config.compression["ranks"]``); None: every expert has ``rank``."""
     _, (_, model_cls, *_) = _architecture(teacher)
     compression = {**compression, "rank": int(rank)}
+    if ranks is not None:
+        compression["ranks"] = [[int(r) for r in layer] for layer in ranks]
     config = student_config(teacher, compression)
     dtype = teacher.get_input_embeddings().weight.dtype
     with torch.device("meta"):
         student = model_cls(config)
     copy_non_experts(teacher, student)
-    for (_, block), (_, t_block) in zip(find_moe_blocks(student), find_moe_blocks(teacher)):
+    t_blocks = find_moe_blocks(teacher)
+    per_layer = ranks if ranks is not None else [None] * len(t_blocks)
+    for (_, block), (_, t_block), mine in zip(find_moe_blocks(student), t_blocks, per_layer, strict=True):
         t_ex = t_block.experts
         with torch.device(_weight_device(t_ex)):
             ex = CompressedExperts(
-                t_ex.num_experts, t_ex.hidden_dim, t_ex.intermediate_dim, rank, teacher.config.hidden_act
+                t_ex.num_experts, t_ex.hidden_dim, t_ex.intermediate_dim, rank if mine is None else max(mine),
+                teacher.config.hidden_act, expert_ranks=mine,
             )
         block.experts = ex.to(dtype)
     return student
@@ -920,13 +988,14 @@ def new_student(teacher: nn.Module, rank: int, compression: dict) -> nn.Module:
 
 @torch.no_grad()
 def load_layer_factors(student: nn.Module, layer: int, f: LayerFactors) -> None:
-    """Copy ``f`` (sliced to the student's rank) into MoE layer ``layer`` of ``student``."""
+    """Copy ``f`` (sliced to the student's rank, or to each expert's own) into MoE layer ``layer`` of ``student``."""
     ex = find_moe_blocks(student)[layer][1].experts
     for p in PROJECTIONS:
         ex.core(p).copy_(f.core[p])
         B, A = ex.wrapper(p)
         B.copy_(f.B[p][..., : ex.rank])
         A.copy_(f.A[p][:, : ex.rank])
+    ex.zero_padding()
 
 
 def finish_student(student: nn.Module, teacher: nn.Module) -> nn.Module:
@@ -971,6 +1040,7 @@ def compress_model(
     calibration=None,
     damping: float = DEFAULT_DAMPING,
     batch_size: int = 8,
+    rank_allocation: str = "uniform",
 ) -> nn.Module:
     """Compress ``teacher``'s experts into a shared core plus rank-r wrappers (zero-shot).
 
@@ -982,37 +1052,68 @@ def compress_model(
         svd: ``"plain"`` or ``"activation"`` (whitened by the routed inputs; needs calibration).
         calibration: int [N, L] token blocks, or ``CalibrationStats`` already collected.
         damping: relative ridge added to each Gram matrix before the Cholesky factorisation.
+        rank_allocation: ``"uniform"`` (rank r everywhere), or ``"frequency"`` / ``"frequency_energy"``:
+            the same total wrapper parameters (``L E r`` rank components) spread over layers and
+            experts by ``rank_gains`` (needs calibration); the ranks go to
+            ``config.compression["ranks"]``.
     Returns:
         the student (``MoedistillQwen3MoeForCausalLM`` / ``MoedistillMixtralForCausalLM``) in eval
         mode, with the teacher's dtype and devices; ``student.config.compression`` records the method.
     """
     r = resolve_rank(teacher, rank, compression_ratio)
+    check_rank_allocation(rank_allocation, calibrated=calibration is not None)
     record = compression_record(teacher, r, core=core, svd=svd, stats=None, damping=damping)
-    student = new_student(teacher, r, record)
-    result = compress_layers(
-        teacher, {(core, svd): r}, calibration=calibration, keep=set(),
-        on_layer=lambda l, _variant, f: load_layer_factors(student, l, f),
-        damping=damping, batch_size=batch_size, check_fp64=False,
-    )
+    if rank_allocation == "uniform" or r == 0:
+        student = new_student(teacher, r, record)
+        result = compress_layers(
+            teacher, {(core, svd): r}, calibration=calibration, keep=set(),
+            on_layer=lambda l, _variant, f: load_layer_factors(student, l, f),
+            damping=damping, batch_size=batch_size, check_fp64=False,
+        )
+        ranks = None
+    else:  # every layer's factors at the cap first, then the ranks, then the student
+        cap = allocation_cap(r, full_rank(teacher))
+        result = compress_layers(
+            teacher, {(core, svd): cap}, calibration=calibration, gram=svd == "activation", damping=damping,
+            batch_size=batch_size, check_fp64=False,
+        )
+        factors = result.factors[(core, svd)]
+        ranks = allocate_ranks(rank_gains(rank_allocation, result.stats.counts, factors, svd=svd, cap=cap), r)
+        student = new_student(teacher, r, record, ranks=ranks)
+        for l, f in enumerate(factors):
+            load_layer_factors(student, l, f)
     student.config.compression = {
-        **compression_record(teacher, r, core=core, svd=svd, stats=result.stats, damping=damping), "rank": int(r)
+        **compression_record(teacher, r, core=core, svd=svd, stats=result.stats, damping=damping,
+                             rank_allocation=rank_allocation, ranks=ranks),
+        "rank": int(r),
     }
     return finish_student(student, teacher)
 
 
+def check_rank_allocation(mode: str, *, calibrated: bool) -> None:
+    if mode not in RANK_ALLOCATIONS:
+        raise UserError(f"compress.rank_allocation={mode!r} must be one of {', '.join(RANK_ALLOCATIONS)}")
+    if mode != "uniform" and not calibrated:
+        raise UserError(f"compress.rank_allocation={mode} needs calibration data (routing frequencies)")
+
+
 def compression_record(
-    teacher, rank: int, *, core: str, svd: str, stats: CalibrationStats | None, damping: float
+    teacher, rank: int, *, core: str, svd: str, stats: CalibrationStats | None, damping: float,
+    rank_allocation: str = "uniform", ranks: list[list[int]] | None = None,
 ) -> dict:
-    """What goes into ``config.compression`` of a student."""
+    """What goes into ``config.compression`` of a student (``ranks``: per layer and expert, when allocated)."""
     ex = find_moe_blocks(teacher)[0][1].experts
     return {
         "method": "shared_core+wrapper",
         "rank": int(rank),
+        "rank_allocation": rank_allocation,
+        **({"ranks": [[int(r) for r in layer] for layer in ranks]} if ranks is not None else {}),
         "core": core,
         "svd": svd,
         "damping": damping if svd == "activation" else None,
         "calibration_sequences": stats.sequences if stats is not None else 0,
         "calibration_tokens": stats.tokens if stats is not None else 0,
+        # the same for every allocation: the budget is the uniform rank's parameters
         "expert_compression_ratio": expert_ratio(rank, ex.num_experts, ex.hidden_dim, ex.intermediate_dim),
         "teacher_model_type": _architecture(teacher)[0],
         "teacher": str(getattr(teacher.config, "_name_or_path", "") or ""),

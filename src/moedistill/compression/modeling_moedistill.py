@@ -52,16 +52,35 @@ class CompressedExperts(nn.Module):
     Called like the original: ``experts(hidden_states [T, H], top_k_index [T, k] int,
     top_k_weights [T, k])`` -> ``[T, H]`` in the dtype of ``hidden_states``. An index equal
     to ``num_experts`` is skipped, as in the original (expert-parallel padding).
+
+    Per-expert ranks (``expert_ranks``, a budgeted allocation of ``moedistill compress``):
+    expert ``e`` uses the first ``expert_ranks[e]`` of the ``r = max(expert_ranks)`` rank
+    components; its other columns of B and rows of A are zero. Zero padding needs no mask:
+    with ``A[e, j] = 0`` and ``B[e, :, j] = 0`` the component adds nothing to the output and
+    its gradients, ``g^T (A x)`` and ``(g B)^T x``, are exactly zero, so every optimizer that
+    maps a zero gradient on a zero weight to zero (SGD, Adam/AdamW with weight decay, Lion)
+    keeps them zero (tests/test_compression.py trains and checks). The padding costs memory
+    and compute of rank ``r``; :meth:`num_parameters` counts only the allocated components.
     """
 
-    def __init__(self, num_experts: int, hidden_dim: int, intermediate_dim: int, rank: int, hidden_act: str = "silu"):
+    def __init__(self, num_experts: int, hidden_dim: int, intermediate_dim: int, rank: int, hidden_act: str = "silu",
+                 expert_ranks: list[int] | None = None):
         super().__init__()
+        if expert_ranks is not None:
+            expert_ranks = tuple(int(r) for r in expert_ranks)
+            if len(expert_ranks) != num_experts or min(expert_ranks, default=0) < 0:
+                raise ValueError(f"expert_ranks must be {num_experts} ranks >= 0, got {list(expert_ranks)}")
+            if rank != max(expert_ranks, default=0):
+                raise ValueError(f"rank={rank} must be max(expert_ranks)={max(expert_ranks, default=0)}")
+            if len(set(expert_ranks)) == 1:
+                expert_ranks = None  # uniform after all
         if rank < 0:
             raise ValueError(f"rank must be >= 0, got {rank}")
         self.num_experts = num_experts
         self.hidden_dim = hidden_dim
         self.intermediate_dim = intermediate_dim
         self.rank = rank
+        self.expert_ranks = expert_ranks  # None: every expert has rank ``rank``
         self.act_fn = ACT2FN[hidden_act]
         E, H, I, r = num_experts, hidden_dim, intermediate_dim, rank
         self.shared_core_gate = nn.Parameter(torch.empty(I, H))
@@ -87,11 +106,31 @@ class CompressedExperts(nn.Module):
             for proj in PROJECTIONS:
                 nn.init.normal_(getattr(self, f"wrapper_{proj}_A"), std=std)
                 nn.init.zeros_(getattr(self, f"wrapper_{proj}_B"))
+            self.zero_padding()
+
+    @torch.no_grad()
+    def zero_padding(self) -> None:
+        """Zero the rank components beyond each expert's own rank (nothing for uniform ranks)."""
+        if self.expert_ranks is None:
+            return
+        for e, r in enumerate(self.expert_ranks):
+            for proj in PROJECTIONS:
+                B, A = self.wrapper(proj)
+                B[e, :, r:] = 0
+                A[e, r:] = 0
+
+    def num_parameters(self) -> int:
+        """Parameters the experts really have: the cores plus each expert's own rank components
+        (the zero padding of per-expert ranks not counted)."""
+        per_rank = 3 * (self.hidden_dim + self.intermediate_dim)
+        ranks = self.expert_ranks or (self.rank,) * self.num_experts
+        return 3 * self.hidden_dim * self.intermediate_dim + per_rank * sum(ranks)
 
     def extra_repr(self) -> str:
+        ranks = "" if self.expert_ranks is None else f" (per expert {min(self.expert_ranks)}-{self.rank})"
         return (
             f"experts={self.num_experts}, hidden={self.hidden_dim}, intermediate={self.intermediate_dim}, "
-            f"rank={self.rank}"
+            f"rank={self.rank}{ranks}"
         )
 
     def core(self, proj: str) -> torch.Tensor:
@@ -304,12 +343,35 @@ def find_moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return blocks
 
 
+def count_parameters(model: nn.Module) -> int:
+    """``model``'s parameters, each ``CompressedExperts`` counted by its ``num_parameters`` (per-expert
+    ranks: without the zero padding)."""
+    total = sum(p.numel() for p in model.parameters())
+    for m in model.modules():
+        if isinstance(m, CompressedExperts):
+            total += m.num_parameters() - sum(p.numel() for p in m.parameters())
+    return total
+
+
+def layer_ranks(compression: dict | None, n_layers: int) -> list[list[int] | None]:
+    """Per MoE layer: its experts' ranks (``compression["ranks"]``, a budgeted allocation), or None
+    (every expert has ``compression["rank"]``)."""
+    ranks = (compression or {}).get("ranks")
+    if ranks is None:
+        return [None] * n_layers
+    if len(ranks) != n_layers:
+        raise ValueError(f"config.compression['ranks'] lists {len(ranks)} layers; the model has {n_layers} MoE layers")
+    return [list(r) for r in ranks]
+
+
 def _replace_experts(model: nn.Module, config) -> None:
     rank = int((config.compression or {}).get("rank", 0))
-    for _, block in find_moe_blocks(model):
+    blocks = find_moe_blocks(model)
+    for (_, block), ranks in zip(blocks, layer_ranks(config.compression, len(blocks))):
         old = block.experts
         block.experts = CompressedExperts(
-            old.num_experts, old.hidden_dim, old.intermediate_dim, rank, config.hidden_act
+            old.num_experts, old.hidden_dim, old.intermediate_dim, rank if ranks is None else max(ranks),
+            config.hidden_act, expert_ranks=ranks,
         )
 
 
@@ -332,7 +394,8 @@ class MoedistillQwen3MoeConfig(Qwen3MoeConfig):
 
 
 class MoedistillQwen3MoeForCausalLM(Qwen3MoeForCausalLM):
-    """``Qwen3MoeForCausalLM`` whose experts are ``CompressedExperts`` of rank ``config.compression['rank']``."""
+    """``Qwen3MoeForCausalLM`` whose experts are ``CompressedExperts`` of rank ``config.compression['rank']``
+    (or, per layer and expert, ``config.compression['ranks']``)."""
 
     config_class = MoedistillQwen3MoeConfig
 
@@ -355,7 +418,8 @@ class MoedistillMixtralConfig(MixtralConfig):
 
 
 class MoedistillMixtralForCausalLM(MixtralForCausalLM):
-    """``MixtralForCausalLM`` whose experts are ``CompressedExperts`` of rank ``config.compression['rank']``."""
+    """``MixtralForCausalLM`` whose experts are ``CompressedExperts`` of rank ``config.compression['rank']``
+    (or, per layer and expert, ``config.compression['ranks']``)."""
 
     config_class = MoedistillMixtralConfig
 

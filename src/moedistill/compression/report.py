@@ -29,7 +29,7 @@ from moedistill.compression.init import (
     layer_errors,
     teacher_expert_weights,
 )
-from moedistill.compression.modeling_moedistill import PROJECTIONS, find_moe_blocks
+from moedistill.compression.modeling_moedistill import PROJECTIONS, count_parameters, find_moe_blocks
 from moedistill.evaluate import evaluate_model
 from moedistill.files import atomic_path, atomic_write_text
 
@@ -38,9 +38,10 @@ REPORT_SEQUENCES = 32  # validation blocks for the report's perplexities: a few 
 
 
 def parameter_counts(model: nn.Module) -> dict:
-    """``{"total", "experts"}``: unique parameters, and those inside ``mlp.experts`` modules."""
-    total = sum(p.numel() for p in model.parameters())
-    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    """``{"total", "experts"}``: unique parameters, and those inside ``mlp.experts`` modules
+    (per-expert ranks: the allocated components, without the zero padding)."""
+    total = count_parameters(model)
+    experts = total - sum(p.numel() for n, p in model.named_parameters() if ".experts." not in n)
     return {"total": total, "experts": experts}
 
 
@@ -80,7 +81,8 @@ def build_report(
     Args:
         factors: ``{(core, svd): LayerFactors list}`` at the largest rank needed (sliced per rank).
         header: ``teacher``, ``checkpoint``, ``settings`` (copied to the top of the report).
-        checkpoint_0: ``rank``, ``core``, ``svd`` of the student.
+        checkpoint_0: ``rank``, ``core``, ``svd`` of the student, and ``rank_allocation`` and ``ranks``
+            (per layer and expert; None for uniform) when allocated.
         eval_info: ``split``, ``sequences``, ``seq_len`` of ``eval_blocks``.
         errors: ``{(core, svd, rank): rows}`` from ``compress_layers`` (computed while the Grams
             were in memory); without it, ``reconstruction_errors`` from ``stats``.
@@ -100,7 +102,9 @@ def build_report(
         },
         "teacher_eval": teacher_eval,
         "checkpoint_0": {**checkpoint_0, **c0_eval},
-        "reconstruction_error": errors.get((checkpoint_0["core"], checkpoint_0["svd"], checkpoint_0["rank"]))
+        # per-expert ranks: the errors of the student's own factors (those at the uniform rank are another model's)
+        "reconstruction_error": (None if checkpoint_0.get("ranks") else
+                                 errors.get((checkpoint_0["core"], checkpoint_0["svd"], checkpoint_0["rank"])))
         or reconstruction_errors(teacher, student, stats),
         "svd_vs_fp64": svd_check or [],
         "eval": eval_info,
@@ -175,6 +179,22 @@ def markdown(report: dict) -> str:
         f"'{report['eval']['split']}')",
         "",
     ]
+    if c0.get("ranks"):
+        uniform = next((row for row in report["sweep"] if (row["core"], row["svd"], row["rank"])
+                        == (c0["core"], c0["svd"], c0["rank"])), None)
+        lines += [
+            f"Ranks allocated by `{c0['rank_allocation']}` within the parameters of rank {c0['rank']} everywhere "
+            f"(per MoE layer: each expert's rank)"
+            + (f"; the same variant at uniform rank {c0['rank']}: perplexity {uniform['perplexity']:.3f}"
+               if uniform else "") + ":",
+            "",
+            "| layer | ranks | min | mean | max |",
+            "|---|---|---:|---:|---:|",
+        ]
+        for l, ranks in enumerate(c0["ranks"]):
+            lines.append(f"| {l} | {' '.join(map(str, ranks))} | {min(ranks)} | {sum(ranks) / len(ranks):.2f} | "
+                         f"{max(ranks)} |")
+        lines.append("")
     if report.get("sweep"):
         lines += [
             f"## Validation perplexity by rank and variant (teacher: {report['teacher_eval']['perplexity']:.3f})",
