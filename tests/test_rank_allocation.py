@@ -24,6 +24,7 @@ from moedistill.compression.init import (
     collect_calibration_stats,
     compute_factors,
     full_rank,
+    layer_spectrum,
     rank_gains,
 )
 from moedistill.compression.modeling_moedistill import PROJECTIONS, CompressedExperts, count_parameters, find_moe_blocks
@@ -172,7 +173,7 @@ def test_allocated_checkpoint_0_same_parameters_factors_save_load_export(mode, t
                 want = factors[l].core[p] + factors[l].B[p][e, :, :r] @ factors[l].A[p][e, :r]
                 torch.testing.assert_close(ex.dense_weight(p, e), want, rtol=1e-5, atol=1e-6)
     if mode == "frequency_energy":  # greedy on the spectrum keeps at least the uniform ranks' energy
-        gains = rank_gains(mode, stats.counts, factors, cap=cap)
+        gains = rank_gains(mode, stats.counts, [layer_spectrum(f, cap) for f in factors], cap=cap)
         kept = sum(float(gains[l, e, :r].sum()) for l, row in enumerate(ranks) for e, r in enumerate(row))
         assert kept >= float(gains[:, :, :rank].sum())
     ckpt, out = tmp_path / "ckpt", tmp_path / "export"

@@ -27,11 +27,13 @@ from moedistill.compression.init import (
     compression_record,
     finish_student,
     full_rank,
+    layer_spectrum,
     load_layer_factors,
     new_student,
     rank_gains,
     resolve_rank,
 )
+from moedistill.compression.modeling_moedistill import find_moe_blocks
 from moedistill.compression.report import REPORT_SEQUENCES, VARIANTS, build_report, write_report
 from moedistill.config import Config
 from moedistill.errors import UserError
@@ -161,7 +163,8 @@ def _compress(cfg, ckpt: Path, s: dict, h: str) -> Path:
     # One set of factors per variant, at the largest rank any student of that variant needs, checkpoint-0's
     # first; the layers are calibrated and factorised one at a time (one layer's Grams in memory), and
     # checkpoint-0's factors go straight into the student. A budgeted rank allocation needs every layer's
-    # spectrum first: checkpoint-0's factors are then kept at the cap and loaded once the ranks are known.
+    # spectrum first: this pass keeps the spectra at the cap (and the report's factors, if any), and a
+    # second pass makes checkpoint-0's factors again at the allocated ranks (allocation_pass).
     mine = (c.core, c.svd)
     allocated = c.rank_allocation != "uniform" and rank > 0
     check_rank_allocation(c.rank_allocation, calibrated=calib is not None)
@@ -171,24 +174,34 @@ def _compress(cfg, ckpt: Path, s: dict, h: str) -> Path:
         variants.setdefault(v, max(report_ranks))
     error_ranks = {v: list(report_ranks) for v in variants} if report_ranks else {}
     error_ranks[mine] = sorted({rank, *error_ranks.get(mine, [])})
-    keep = set(variants) if report_ranks else ({mine} if allocated else set())
     record = compression_record(teacher, rank, core=c.core, svd=c.svd, stats=None, damping=DEFAULT_DAMPING)
     student = None if allocated else new_student(teacher, rank, record)
+    spectra = [None] * len(find_moe_blocks(teacher))
+
+    def on_layer(l, v, f):
+        if v != mine:
+            return
+        if allocated:
+            spectra[l] = layer_spectrum(f, cap)
+        else:
+            load_layer_factors(student, l, f)
+
     result = compress_layers(
         teacher, variants, calibration=None if calib is None else calib.blocks,
-        gram=c.svd == "activation" or bool(report_ranks), error_ranks=error_ranks, keep=keep,
-        on_layer=lambda l, v, f: load_layer_factors(student, l, f) if v == mine and not allocated else None,
-        batch_size=cfg.cache.batch_size,
+        gram=c.svd == "activation" or bool(report_ranks), error_ranks=error_ranks,
+        keep=set(variants) if report_ranks else set(), on_layer=on_layer, batch_size=cfg.cache.batch_size,
     )
     ranks = None
     if allocated:
-        gains = rank_gains(c.rank_allocation, result.stats.counts, result.factors[mine], svd=c.svd, cap=cap)
-        ranks = allocate_ranks(gains, rank)
+        ranks = allocate_ranks(rank_gains(c.rank_allocation, result.stats.counts, spectra, svd=c.svd, cap=cap), rank)
         student = new_student(teacher, rank, record, ranks=ranks)
-        for l, f in enumerate(result.factors[mine]):
-            load_layer_factors(student, l, f)
-        if not report_ranks:
-            result.factors.pop(mine)
+        if report_ranks:  # the report kept checkpoint-0's factors at the cap
+            for l, f in enumerate(result.factors[mine]):
+                load_layer_factors(student, l, f)
+        else:
+            compress_layers(teacher, {mine: max(map(max, ranks))}, calibration=calib.blocks, keep=set(),
+                            on_layer=lambda l, _v, f: load_layer_factors(student, l, f),
+                            batch_size=cfg.cache.batch_size, check_fp64=False, desc="compress (allocated ranks)")
     stats, factors = result.stats, result.factors
     if stats is not None:
         print(f"[compress] calibration: {stats.sequences} sequences x {cfg.data.seq_len} tokens of {calib.source}")

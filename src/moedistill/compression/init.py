@@ -755,7 +755,13 @@ def allocation_cap(rank: int, full: int) -> int:
     return min(full, RANK_CAP * rank)
 
 
-def rank_gains(mode: str, counts: list, factors: list[LayerFactors] | None = None, *, svd: str = "activation",
+def layer_spectrum(f: LayerFactors, cap: int) -> dict[str, torch.Tensor]:
+    """What ``rank_gains`` needs of one layer's factors: the first ``cap`` singular values per projection
+    ([E, cap] float32 on the CPU; a few KB, where the factors are GBs at scale)."""
+    return {p: f.singular_values[p][:, :cap].float().cpu().clone() for p in PROJECTIONS}
+
+
+def rank_gains(mode: str, counts: list, spectra: list[dict] | None = None, *, svd: str = "activation",
                cap: int) -> torch.Tensor:
     """What the ``j``-th rank component of expert ``e`` in MoE layer ``l`` is worth: ``[L, E, cap]`` float64.
 
@@ -763,8 +769,9 @@ def rank_gains(mode: str, counts: list, factors: list[LayerFactors] | None = Non
     expert ``e``. Taking the largest gains gives expert ``e`` about ``f_le / τ`` components for a
     threshold ``τ``: ranks proportional to routing frequency, every layer the same budget.
 
-    ``frequency_energy``: the squared error the component removes, summed over gate, up and down:
-    greedy on marginal energy per parameter. With the activation-aware SVD these are the
+    ``frequency_energy``: from ``spectra`` (per layer, ``layer_spectrum``), the squared error the
+    component removes, summed over gate, up and down: greedy on marginal energy per parameter.
+    With the activation-aware SVD these are the
     ``σ_j^2`` of ``D_e S_e``, the error on expert ``e``'s routed calibration inputs (its Gram sums
     over the tokens routed to it, so the frequency is in it already, and the layers' own scales
     too); with the plain SVD the weight-space ``σ_j^2`` times ``f_le``. Within an expert the gains
@@ -783,9 +790,9 @@ def rank_gains(mode: str, counts: list, factors: list[LayerFactors] | None = Non
     if mode != "frequency_energy":
         raise ValueError(f"no gains for rank allocation {mode!r}")
     gains = torch.zeros(len(counts), c.shape[1], cap, dtype=torch.float64)
-    for l, lf in enumerate(factors):
+    for l, spectrum in enumerate(spectra):
         for p in PROJECTIONS:
-            sv = lf.singular_values[p][:, :cap].double().cpu()
+            sv = spectrum[p][:, :cap].double().cpu()
             if sv.shape[1] < cap:
                 raise ValueError(f"layer {l}'s factors have rank {sv.shape[1]} < the cap {cap}")
             # activation: on the routed inputs already; plain: weight-space, weighted by the routed tokens
@@ -1071,23 +1078,41 @@ def compress_model(
             damping=damping, batch_size=batch_size, check_fp64=False,
         )
         ranks = None
-    else:  # every layer's factors at the cap first, then the ranks, then the student
-        cap = allocation_cap(r, full_rank(teacher))
-        result = compress_layers(
-            teacher, {(core, svd): cap}, calibration=calibration, gram=svd == "activation", damping=damping,
-            batch_size=batch_size, check_fp64=False,
-        )
-        factors = result.factors[(core, svd)]
-        ranks = allocate_ranks(rank_gains(rank_allocation, result.stats.counts, factors, svd=svd, cap=cap), r)
+    else:
+        spectra, result = allocation_pass(teacher, (core, svd), r, calibration, damping=damping,
+                                          batch_size=batch_size)
+        ranks = allocate_ranks(rank_gains(rank_allocation, result.stats.counts, spectra, svd=svd,
+                                          cap=allocation_cap(r, full_rank(teacher))), r)
         student = new_student(teacher, r, record, ranks=ranks)
-        for l, f in enumerate(factors):
-            load_layer_factors(student, l, f)
+        compress_layers(  # the same factors again, kept only at the ranks given
+            teacher, {(core, svd): max(map(max, ranks))}, calibration=calibration, keep=set(),
+            on_layer=lambda l, _variant, f: load_layer_factors(student, l, f),
+            damping=damping, batch_size=batch_size, check_fp64=False,
+        )
     student.config.compression = {
         **compression_record(teacher, r, core=core, svd=svd, stats=result.stats, damping=damping,
                              rank_allocation=rank_allocation, ranks=ranks),
         "rank": int(r),
     }
     return finish_student(student, teacher)
+
+
+def allocation_pass(teacher: nn.Module, variant: tuple[str, str], rank: int, calibration, **kw):
+    """The first of a budgeted allocation's two passes: every layer factorised at the cap, only its
+    spectrum kept (``layer_spectrum``), so the memory stays one layer's whatever the depth. Returns
+    ``(spectra, CompressionResult)``; the second pass (``compress_layers`` at the allocated ranks) makes
+    the same factors again. Why two passes: the ranks of layer 0 depend on the spectra of all layers,
+    and keeping every layer's factors at the cap until then would take ~2 GB per layer of
+    Qwen3-30B-A3B at ``compression_ratio=0.25`` (rank 135, cap 540)."""
+    cap = allocation_cap(rank, full_rank(teacher))
+    spectra = [None] * len(find_moe_blocks(teacher))
+
+    def keep_spectrum(l, _variant, f):
+        spectra[l] = layer_spectrum(f, cap)
+
+    result = compress_layers(teacher, {variant: cap}, calibration=calibration, gram=variant[1] == "activation",
+                             keep=set(), on_layer=keep_spectrum, check_fp64=False, desc="allocate", **kw)
+    return spectra, result
 
 
 def check_rank_allocation(mode: str, *, calibrated: bool) -> None:
