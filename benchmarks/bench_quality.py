@@ -48,8 +48,15 @@ ROWS = {
     "ce-alloc": ("CE-only, frequency_energy ranks", ["loss.alpha=0"], "topk", "frequency_energy", 1),
 }
 ALLOCATIONS = ("uniform", "frequency", "frequency_energy")
-CACHES = {"topk": ["cache.mode=topk"], "sample": ["cache.mode=sample"],
-          "counts": ["cache.mode=sample", "cache.sample_logprobs=false"]}
+
+def _cache(work: Path, name: str) -> list[str]:
+    """The overrides of cache ``name``: top-k, sampled, or sampled with counts only (a directory of its own)."""
+    return {"topk": ["cache.mode=topk"], "sample": ["cache.mode=sample"],
+            "counts": ["cache.mode=sample", "cache.sample_logprobs=false", f"cache.dir={work / 'cache' / 'counts'}"],
+            }[name]
+
+
+CACHES = ("topk", "sample", "counts")
 METRICS = ("perplexity", "kl_exact", "agreement", "ece")
 
 
@@ -101,8 +108,8 @@ def prepare(work: Path) -> dict:
     info = {"caches": {}, "checkpoint_0": {}}
     for allocation in ALLOCATIONS:
         compress_from_config(_config(work, [f"output_dir={work / 'prep'}", *_alloc_overrides(work, allocation)]))
-    for name, over in CACHES.items():
-        cfg = _config(work, [f"output_dir={work / 'prep'}", *over])
+    for name in CACHES:
+        cfg = _config(work, [f"output_dir={work / 'prep'}", *_cache(work, name)])
         s = inspect_cache(generate_from_config(cfg))
         info["caches"][name] = {"bytes_per_token": s["bytes_per_token"], "bytes": s["bytes"], "tokens": s["tokens"]}
     cfg = _config(work, [f"output_dir={work / 'prep'}"])
@@ -121,7 +128,7 @@ def worker(work: Path, row: str, seed: int) -> dict:
 
     _, over, cache, allocation, mult = ROWS[row]
     cfg = _config(work, [f"output_dir={work / 'runs' / f'{row}-s{seed}'}", f"seed={seed}",
-                         f"student.name={_ckpt(work, allocation)}", *CACHES[cache], *over, "overwrite=true"])
+                         f"student.name={_ckpt(work, allocation)}", *_cache(work, cache), *over, "overwrite=true"])
     for st in cfg.stages:
         st.max_steps *= mult
     t = time.time()
