@@ -113,6 +113,9 @@ def prepare(work: Path) -> dict:
         s = inspect_cache(generate_from_config(cfg))
         info["caches"][name] = {"bytes_per_token": s["bytes_per_token"], "bytes": s["bytes"], "tokens": s["tokens"]}
     cfg = _config(work, [f"output_dir={work / 'prep'}"])
+    # the top-k cache of the validation blocks every training evaluates on, made here: two trainings
+    # starting together would otherwise race for it (the second refused while the first holds its lock)
+    generate_from_config(cfg, split=cfg.data.eval_split)
     models = {"teacher": None, **{f"checkpoint-0 ({a})": str(_ckpt(work, a)) for a in ALLOCATIONS}}
     loaders = {n: (lambda: common.load_teacher(cfg, with_tokenizer=False)[0]) if p is None
                else (lambda p=p: common.load_student(cfg, p)) for n, p in models.items()}
