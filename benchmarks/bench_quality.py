@@ -54,10 +54,13 @@ ROWS = {
 }
 ALLOCATIONS = ("uniform", "frequency", "frequency_energy")
 
-def _cache(work: Path, name: str) -> list[str]:
-    """The overrides of cache ``name``: top-k, sampled, or sampled with counts only (a directory of its own)."""
-    return {"topk": ["cache.mode=topk"], "sample": ["cache.mode=sample"],
-            "counts": ["cache.mode=sample", "cache.sample_logprobs=false", f"cache.dir={work / 'cache' / 'counts'}"],
+def _cache(work: Path, name: str, seed: int = 42) -> list[str]:
+    """The overrides of cache ``name``: top-k, sampled, or sampled with counts only. The sampled ones
+    draw with the run's seed (part of their identity), so each seed has its own directory."""
+    return {"topk": ["cache.mode=topk"],
+            "sample": ["cache.mode=sample", f"cache.dir={work / 'cache' / f'sample-s{seed}'}"],
+            "counts": ["cache.mode=sample", "cache.sample_logprobs=false",
+                       f"cache.dir={work / 'cache' / f'counts-s{seed}'}"],
             }[name]
 
 
@@ -136,7 +139,8 @@ def worker(work: Path, row: str, seed: int) -> dict:
 
     _, over, cache, allocation, mult = ROWS[row]
     cfg = _config(work, [f"output_dir={work / 'runs' / f'{row}-s{seed}'}", f"seed={seed}",
-                         f"student.name={_ckpt(work, allocation)}", *_cache(work, cache), *over, "overwrite=true"])
+                         f"student.name={_ckpt(work, allocation)}", *_cache(work, cache, seed), *over,
+                         "overwrite=true"])
     for st in cfg.stages:
         st.max_steps *= mult
     t = time.time()
