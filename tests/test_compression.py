@@ -678,6 +678,56 @@ def test_tiny_teacher_full_rank_roundtrip(tiny):
     assert _rel(_logits(student, x).logits, _logits(teacher, x).logits) <= 1e-5
 
 
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_grams_freed_chunk_by_chunk_give_the_same_factors(qwen, calib, stats, chunk, monkeypatch):
+    """compress_layers calibrating itself hands each layer's Grams over in EXPERT_CHUNK-expert tensors
+    and the last variant frees each chunk once factorised (the peak-memory fix of issue 13): the
+    factors, errors and spot check equal those from the same Grams collected whole and kept, and
+    every chunk is freed by the end (3 does not divide E = 4: a short last chunk)."""
+    import moedistill.compression.init as ci
+
+    monkeypatch.setattr(ci, "EXPERT_CHUNK", chunk)
+    made = []
+    init = ci.ChunkedGrams.__init__
+
+    def record(self, *a, **kw):
+        init(self, *a, **kw)
+        made.append(self)
+
+    monkeypatch.setattr(ci.ChunkedGrams, "__init__", record)
+    variants = {("mean", "plain"): 5, ("frequency", "activation"): 5}  # the Grams serve both
+    er = {v: [2, 5] for v in variants}
+    got = ci.compress_layers(qwen, variants, calibration=calib, error_ranks=er)
+    assert len(made) == 2 * len(find_moe_blocks(qwen))  # gram_in and gram_mid per layer
+    assert all(c is None for g in made for c in g.chunks)
+    made.clear()
+    ref = ci.compress_layers(qwen, variants, calibration=stats, error_ranks=er)
+    assert not made
+    for v in variants:
+        for fg, fr in zip(got.factors[v], ref.factors[v]):
+            for p in fg.B:
+                for name in ("core", "B", "A", "singular_values", "sq_errors", "sq_norms"):
+                    assert torch.equal(getattr(fg, name)[p], getattr(fr, name)[p]), (v, p, name)
+    assert got.errors == ref.errors and got.svd_check == ref.svd_check
+
+
+def test_chunked_grams_index_like_a_stacked_tensor():
+    from moedistill.compression.init import ChunkedGrams
+
+    g = ChunkedGrams(5, 3, 2)
+    full = torch.randn(5, 3, 3)
+    for e in range(5):
+        g[e].copy_(full[e])
+    assert torch.equal(g.stacked(), full)
+    for sl in (slice(0, 2), slice(2, 3), slice(1, 4), slice(4, 5), slice(0, 5), slice(3, 1)):
+        assert torch.equal(g[sl], full[sl]), sl
+    assert torch.equal(g[-1], full[-1])
+    g.release(slice(0, 3))  # frees the chunk [0, 2) only: [2, 4) is not wholly inside
+    assert torch.equal(g[2:4], full[2:4])
+    with pytest.raises(RuntimeError, match="released"):
+        g[1]
+
+
 def test_layer_by_layer_calibration_equals_hooks_on_one_full_forward(qwen, calib, stats):
     """Each layer run on the previous one's outputs (GPTQ style) == hooks on the whole model's forward
     (the pre-streaming algorithm, written out plainly here): same counts, same Grams."""
