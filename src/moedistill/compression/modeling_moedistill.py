@@ -135,7 +135,10 @@ class CompressedExperts(nn.Module):
         if self.rank > 0:
             x = hidden_states.index_select(0, token)  # [S, H]: every routed pair's input, grouped by expert
             gate_up = gate_up + self._grouped_low_rank(x, counts, ("gate", "up"))
-        h = self.act_fn(gate_up[:, :I]) * gate_up[:, I:]
+        # chunk, not two slices: its backward is one concatenation, where each slice's wrote a zeroed
+        # [S, 2I] gradient and autograd summed the two
+        gate, up = gate_up.chunk(2, dim=1)
+        h = self.act_fn(gate) * up
         h = h * weight[:, None].to(h.dtype)
         # Sums are kept in the dtype of hidden_states (fp32 under autocast, like the originals'
         # output); under autocast the matmuls return bf16/fp16, cast on the way in.
