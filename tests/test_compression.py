@@ -199,7 +199,7 @@ def test_grouped_mm_engine_equals_the_per_expert_loop(dtype, monkeypatch):
     """_GroupedLowRank's two engines: torch's grouped matmul (fp32/bf16 on the CPU) against the
     per-expert loop (the previous implementation, still the fallback): outputs and the gradients of
     x, every factor and the routing weights, within 1e-5 in fp32 (bf16: its rounding). Ranks not a
-    multiple of 16 bytes (B is copied transposed, outputs come padded), a factor in unaligned storage
+    multiple of 16 bytes (B's products per expert on views, t padded), a factor in unaligned storage
     (copied column-major: the layout its transpose needs), experts without tokens, a padding index
     (= num_experts), and one projection whose factors need no gradient."""
     from moedistill.compression import modeling_moedistill as mm
@@ -245,6 +245,40 @@ def test_grouped_mm_engine_equals_the_per_expert_loop(dtype, monkeypatch):
                 torch.testing.assert_close(got[True][name], ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()),
                                            msg=f"{r} {name}")
         assert bool((got[True]["wrapper_gate_A"][[2, 7]] == 0).all())
+
+
+def test_grouped_mm_engine_equals_the_per_expert_loop_under_bf16_autocast(monkeypatch):
+    """float32 factors under CPU bf16 autocast (the products in bf16, the B products per expert into
+    preallocated rows): both engines give the same output and gradients, the factors' gradients in
+    float32, to bf16 rounding; an odd rank (135-like: rows not a multiple of 16 bytes)."""
+    from moedistill.compression import modeling_moedistill as mm
+
+    if not hasattr(F, "grouped_mm"):
+        pytest.skip("this torch has no F.grouped_mm")
+    E, H, I, r, n, k = 6, 32, 16, 7, 30, 2
+    torch.manual_seed(4)
+    ex = CompressedExperts(E, H, I, r)
+    with torch.no_grad():
+        for p in ("gate", "up", "down"):
+            ex.wrapper(p)[0].normal_(std=0.3)
+    x0 = torch.randn(n, H)
+    logits = torch.randn(n, E)
+    logits[:, 3] = -1e9  # expert 3 gets no token
+    w, idx = torch.softmax(logits, -1).topk(k, -1)
+    got = {}
+    for grouped in (True, False):
+        monkeypatch.setattr(mm, "USE_GROUPED_MM", grouped)
+        ex.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = ex(x, idx, w)
+        y.float().square().sum().backward()
+        got[grouped] = {"y": y.detach().float(), "x": x.grad} | {name: p.grad for name, p in ex.named_parameters()}
+    for name, ref in got[False].items():
+        g = got[True][name]
+        assert g.dtype == ref.dtype and (name in ("y",) or g.dtype == torch.float32), name
+        torch.testing.assert_close(g, ref, rtol=2e-2, atol=2e-2 * float(ref.abs().max()), msg=name)
+    assert bool((got[True]["wrapper_gate_A"][3] == 0).all()) and bool((got[True]["wrapper_down_B"][3] == 0).all())
 
 
 def test_grouped_mm_engine_is_used_and_skipped_where_it_cannot_run(monkeypatch):
@@ -676,6 +710,56 @@ def test_tiny_teacher_full_rank_roundtrip(tiny):
                                 core="frequency", svd="activation", calibration=calib)
     x = calib[:, :16]
     assert _rel(_logits(student, x).logits, _logits(teacher, x).logits) <= 1e-5
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_grams_freed_chunk_by_chunk_give_the_same_factors(qwen, calib, stats, chunk, monkeypatch):
+    """compress_layers calibrating itself hands each layer's Grams over in EXPERT_CHUNK-expert tensors
+    and the last variant frees each chunk once factorised (the peak-memory fix of issue 13): the
+    factors, errors and spot check equal those from the same Grams collected whole and kept, and
+    every chunk is freed by the end (3 does not divide E = 4: a short last chunk)."""
+    import moedistill.compression.init as ci
+
+    monkeypatch.setattr(ci, "EXPERT_CHUNK", chunk)
+    made = []
+    init = ci.ChunkedGrams.__init__
+
+    def record(self, *a, **kw):
+        init(self, *a, **kw)
+        made.append(self)
+
+    monkeypatch.setattr(ci.ChunkedGrams, "__init__", record)
+    variants = {("mean", "plain"): 5, ("frequency", "activation"): 5}  # the Grams serve both
+    er = {v: [2, 5] for v in variants}
+    got = ci.compress_layers(qwen, variants, calibration=calib, error_ranks=er)
+    assert len(made) == 2 * len(find_moe_blocks(qwen))  # gram_in and gram_mid per layer
+    assert all(c is None for g in made for c in g.chunks)
+    made.clear()
+    ref = ci.compress_layers(qwen, variants, calibration=stats, error_ranks=er)
+    assert not made
+    for v in variants:
+        for fg, fr in zip(got.factors[v], ref.factors[v]):
+            for p in fg.B:
+                for name in ("core", "B", "A", "singular_values", "sq_errors", "sq_norms"):
+                    assert torch.equal(getattr(fg, name)[p], getattr(fr, name)[p]), (v, p, name)
+    assert got.errors == ref.errors and got.svd_check == ref.svd_check
+
+
+def test_chunked_grams_index_like_a_stacked_tensor():
+    from moedistill.compression.init import ChunkedGrams
+
+    g = ChunkedGrams(5, 3, 2)
+    full = torch.randn(5, 3, 3)
+    for e in range(5):
+        g[e].copy_(full[e])
+    assert torch.equal(g.stacked(), full)
+    for sl in (slice(0, 2), slice(2, 3), slice(1, 4), slice(4, 5), slice(0, 5), slice(3, 1)):
+        assert torch.equal(g[sl], full[sl]), sl
+    assert torch.equal(g[-1], full[-1])
+    g.release(slice(0, 3))  # frees the chunk [0, 2) only: [2, 4) is not wholly inside
+    assert torch.equal(g[2:4], full[2:4])
+    with pytest.raises(RuntimeError, match="released"):
+        g[1]
 
 
 def test_layer_by_layer_calibration_equals_hooks_on_one_full_forward(qwen, calib, stats):

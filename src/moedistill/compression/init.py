@@ -150,6 +150,59 @@ class _StopForward(Exception):
     """Raised by the hook that catches the first decoder layer's inputs."""
 
 
+class ChunkedGrams:
+    """One layer's per-expert Grams [E, n, n] stored as separate tensors of ``chunk`` experts each,
+    so that the factorisation can free each chunk as soon as it is factorised (``release``).
+
+    Why: a stacked [E, n, n] tensor is one allocation, freed only whole, after the last chunk;
+    meanwhile the layer's factors fill in (0.54 GiB at Qwen3-30B-A3B's dimensions and rank 135)
+    on top of all its Grams (2.28 GiB). Freed chunk by chunk, the Grams shrink by ~4x what the
+    factors grow, so the peak is the Grams plus the first chunk's temporaries.
+    Indexing: ``g[e]`` is expert e's Gram (a view), ``g[s:t]`` a view when it lies in one chunk
+    (``layer_factors``' and ``fp64_check``'s slices do), a copy otherwise; a released expert raises.
+    """
+
+    def __init__(self, num_experts: int, n: int, chunk: int, *, dtype=torch.float32, device=None):
+        self.chunk, self.num_experts = int(chunk), int(num_experts)
+        self.chunks: list[torch.Tensor | None] = [
+            torch.zeros(min(self.chunk, num_experts - s), n, n, dtype=dtype, device=device)
+            for s in range(0, num_experts, self.chunk)
+        ]
+        self.shape = torch.Size((num_experts, n, n))
+        self.dtype, self.device = dtype, self.chunks[0].device if self.chunks else device
+
+    def __len__(self) -> int:
+        return self.num_experts
+
+    def _chunk(self, k: int) -> torch.Tensor:
+        c = self.chunks[k]
+        if c is None:
+            raise RuntimeError(f"the Grams of experts {k * self.chunk}..{(k + 1) * self.chunk - 1} were released")
+        return c
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            start, stop, step = index.indices(self.num_experts)
+            if step == 1 and stop > start and (start // self.chunk) == ((stop - 1) // self.chunk):
+                k = start // self.chunk
+                return self._chunk(k)[start - k * self.chunk : stop - k * self.chunk]
+            return torch.stack([self[e] for e in range(start, stop, step)]) if stop > start else \
+                torch.empty(0, *self.shape[1:], dtype=self.dtype, device=self.device)
+        e = int(index) + (self.num_experts if int(index) < 0 else 0)
+        return self._chunk(e // self.chunk)[e % self.chunk]
+
+    def release(self, index: slice) -> None:
+        """Free the chunks that lie wholly inside the expert slice ``index``."""
+        start, stop, _ = index.indices(self.num_experts)
+        for k in range(len(self.chunks)):
+            if start <= k * self.chunk and min((k + 1) * self.chunk, self.num_experts) <= stop:
+                self.chunks[k] = None
+
+    def stacked(self) -> torch.Tensor:
+        """All the Grams as one [E, n, n] tensor (a copy)."""
+        return torch.cat([self._chunk(k) for k in range(len(self.chunks))])
+
+
 def _input_device(model: nn.Module) -> torch.device:
     return model.get_input_embeddings().weight.device
 
@@ -171,7 +224,8 @@ LayerFn = Callable[[int, torch.Tensor, "torch.Tensor | None", "torch.Tensor | No
 
 
 @torch.no_grad()
-def calibrate_layers(model: nn.Module, input_ids, on_layer: LayerFn, *, gram: bool = True, batch_size: int = 8) -> int:
+def calibrate_layers(model: nn.Module, input_ids, on_layer: LayerFn, *, gram: bool = True, batch_size: int = 8,
+                     gram_chunk: int | None = None) -> int:
     """Run the teacher layer by layer on calibration blocks (GPTQ style), one MoE layer's statistics at a time.
 
     The embeddings run once per batch; each decoder layer then runs on the previous one's
@@ -179,7 +233,9 @@ def calibrate_layers(model: nn.Module, input_ids, on_layer: LayerFn, *, gram: bo
     once however many layers there are. For MoE layer l, ``on_layer(l, counts [E] float64,
     gram_in [E, H, H] | None, gram_mid [E, I, I] | None)`` is called as soon as its last batch
     has run; the Grams (float32, on the layer's device) are dropped when it returns, so
-    only one layer's are ever in memory. Returns the number of calibration tokens.
+    only one layer's are ever in memory. With ``gram_chunk``, they are handed over as
+    ``ChunkedGrams`` of that many experts per tensor, which ``on_layer`` may release chunk by
+    chunk (``layer_factors(release_grams=True)``). Returns the number of calibration tokens.
     """
     blocks = find_moe_blocks(model)
     if not blocks:
@@ -225,7 +281,10 @@ def calibrate_layers(model: nn.Module, input_ids, on_layer: LayerFn, *, gram: bo
                 experts = blocks[b][1].experts
                 dev = _weight_device(experts)
                 counts = torch.zeros(E, dtype=torch.float64)
-                if gram:
+                if gram and gram_chunk:
+                    g_in = ChunkedGrams(E, H, gram_chunk, device=dev)
+                    g_mid = ChunkedGrams(E, I, gram_chunk, device=dev)
+                elif gram:
                     g_in = torch.zeros(E, H, H, dtype=torch.float32, device=dev)
                     g_mid = torch.zeros(E, I, I, dtype=torch.float32, device=dev)
 
@@ -523,6 +582,7 @@ def layer_factors(
     chunk: int = EXPERT_CHUNK,
     error_ranks=(),
     on_first_chunk: Callable[[LayerFactors], None] | None = None,
+    release_grams: bool = False,
 ) -> LayerFactors:
     """Shared cores and truncated-SVD wrappers of one teacher layer (see the module docstring).
 
@@ -542,7 +602,13 @@ def layer_factors(
     ``on_first_chunk(f)`` is called once the first ``chunk`` experts' factors and errors are in
     ``f`` (``compress_layers`` runs its float64 spot check of expert 0 there, while the rest of
     the layer's factors have not taken their memory yet).
+
+    ``release_grams``: the Grams are ``ChunkedGrams`` not needed after this call; each chunk of
+    them is freed once its experts are factorised (after ``on_first_chunk`` for the first), so
+    the Grams shrink while the factors grow. The factors are the same either way.
     """
+    if release_grams and not all(isinstance(g, ChunkedGrams) for g in (gram_in, gram_mid) if g is not None):
+        raise TypeError("release_grams needs the Grams as ChunkedGrams")
     W_all = teacher_expert_weights(experts)
     E = W_all["gate"].shape[0]
     error_ranks = tuple(int(r) for r in error_ranks)
@@ -599,9 +665,14 @@ def layer_factors(
                     out.sq_errors[p][j, sl, 1] = _dot(R @ G_raw, R).cpu()
                 del R
             del D, B, A
-        del grams
+        del grams, G, shift
+        G_raw = None
         if s == 0 and on_first_chunk is not None:
             on_first_chunk(out)
+        if release_grams:
+            for g in (gram_in, gram_mid):
+                if g is not None:
+                    g.release(sl)
     return out
 
 
@@ -859,8 +930,11 @@ def compress_layers(
         error_ranks: ``{(core, svd): [ranks]}`` whose reconstruction errors to compute.
         keep: variants whose factors to return (default: all); ``on_layer(l, variant, factors)``
             sees every layer's factors first (``compress_model`` copies them into the student).
-    Memory: one layer's Grams (E [H^2 + I^2] float32), its factors and ``EXPERT_CHUNK``-sized
-    temporaries; a tqdm bar counts layers with an ETA.
+    Memory: one layer's Grams (E [H^2 + I^2] float32) and ``EXPERT_CHUNK``-sized temporaries; when
+    it calibrates, the Grams come in ``EXPERT_CHUNK``-expert tensors that the last variant frees
+    as it factorises them, so the layer's factors take the place of its Grams (given
+    ``CalibrationStats``, the caller's Grams stay, and the factors come on top); a tqdm bar counts
+    layers with an ETA.
     """
     for core, svd in variants:
         _check_method(core, svd, calibration if isinstance(calibration, CalibrationStats) else None,
@@ -879,6 +953,7 @@ def compress_layers(
         name, block = blocks[l]
         _release_freed_memory()  # what the calibration and the previous layer left free in the heap
         W_all = teacher_expert_weights(block.experts)
+        last = list(variants)[-1]
         for v, max_rank in variants.items():
             core, svd = v
             check = check_fp64 and v == next(iter(variants)) and max_rank > 0
@@ -890,7 +965,9 @@ def compress_layers(
             ranks = sorted({*error_ranks.get(v, []), *([max_rank] if check else [])})
             f = layer_factors(block.experts, max_rank=max_rank, core=core, svd=svd, counts=counts,
                               gram_in=g_in, gram_mid=g_mid, damping=damping, error_ranks=ranks,
-                              on_first_chunk=spot_check if check else None)
+                              on_first_chunk=spot_check if check else None, chunk=EXPERT_CHUNK,
+                              # the Grams calibrate_layers made for this layer: the last variant frees them
+                              release_grams=v == last and isinstance(g_in, ChunkedGrams))
             for r in error_ranks.get(v, []):
                 result.errors[(core, svd, r)][l] = {"layer": name, **factor_errors(f, r)}
             if on_layer is not None:
@@ -919,7 +996,8 @@ def compress_layers(
                 counts[l] = c
                 process(l, c, g_in, g_mid)
 
-            tokens = calibrate_layers(teacher, calibration, on_stats, gram=gram, batch_size=batch_size)
+            tokens = calibrate_layers(teacher, calibration, on_stats, gram=gram, batch_size=batch_size,
+                                      gram_chunk=EXPERT_CHUNK)
             result.stats = CalibrationStats(counts=counts, tokens=tokens, sequences=len(calibration))
     finally:
         bar.close()
