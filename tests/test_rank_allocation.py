@@ -214,7 +214,7 @@ def test_compress_command_allocates_reports_the_ranks_and_keys_the_settings(teac
     monkeypatch.setattr(ck, "REPORT_SEQUENCES", 4)
     over = [f"output_dir={tmp_path / 'run'}", f"teacher.name={teacher_dir}", "data.seq_len=32", "data.max_samples=200",
             "compress.rank=2", "compress.calibration_sequences=4", "compress.report_ranks=[2]", "eval.batch_size=4"]
-    uniform = ck.compress_from_config(load_config("tiny", over))
+    uniform = ck.compress_from_config(load_config("tiny", [*over, "compress.rank_allocation=uniform"]))
     h_uniform = json.loads((uniform / "config.json").read_text())["compression"]["settings_hash"]
     ckpt = ck.compress_from_config(load_config("tiny", [*over, "compress.rank_allocation=frequency_energy"]))
     comp = json.loads((ckpt / "config.json").read_text())["compression"]
