@@ -403,7 +403,7 @@ def test_config_knows_the_same_divergences():
 
 @pytest.mark.parametrize("overrides, needle", [
     (["loss.divergence=kl"], "loss.divergence='kl' must be one of forward_kl"),
-    (["loss.divergence=reverse_kl"], "infinite with loss.tail=renormalize"),
+    (["loss.divergence=reverse_kl", "loss.tail=renormalize"], "infinite with loss.tail=renormalize"),
     (["loss.divergence=reverse_kl", "loss.tail=tail", "stages=[{name: a, max_steps: 2, tail: renormalize}]"],
      "infinite with stages[0].tail=renormalize"),
     (["loss.divergence=tvd", "loss.beta=0.5"], "applies only to jsd and skew_kl"),

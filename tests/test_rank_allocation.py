@@ -225,6 +225,7 @@ def test_compress_command_allocates_reports_the_ranks_and_keys_the_settings(teac
     md = (ckpt.parent / "report.md").read_text()
     assert "Ranks allocated by `frequency_energy` within the parameters of rank 2" in md
     assert "the same variant at uniform rank 2: perplexity" in md
+    assert "Per-expert ranks: the errors on the weights only" in md
     student = AutoModelForCausalLM.from_pretrained(ckpt)
     assert count_parameters(student) == 3 * H * I * 2 + 3 * (H + I) * 2 * E * 2 + sum(
         p.numel() for n, p in student.named_parameters() if ".experts." not in n)

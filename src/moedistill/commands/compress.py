@@ -167,6 +167,8 @@ def _compress(cfg, ckpt: Path, s: dict, h: str) -> Path:
     # second pass makes checkpoint-0's factors again at the allocated ranks (allocation_pass).
     mine = (c.core, c.svd)
     allocated = c.rank_allocation != "uniform" and rank > 0
+    if c.rank_allocation != "uniform" and rank == 0:
+        print(f"[compress] rank 0: no wrapper parameters for compress.rank_allocation={c.rank_allocation} to spread")
     check_rank_allocation(c.rank_allocation, calibrated=calib is not None)
     cap = allocation_cap(rank, full) if allocated else rank
     variants = {mine: max([rank, cap, *report_ranks])}

@@ -31,7 +31,12 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from moedistill.compression.init import copy_non_experts, finish_transplant
-from moedistill.compression.modeling_moedistill import ARCHITECTURES, CompressedExperts, find_moe_blocks
+from moedistill.compression.modeling_moedistill import (
+    ARCHITECTURES,
+    CompressedExperts,
+    count_parameters,
+    find_moe_blocks,
+)
 from moedistill.errors import UserError
 from moedistill.files import atomic_dir, disk_full_as_error
 from moedistill.models import get_model, load_tokenizer, parse_dtype
@@ -371,10 +376,9 @@ def export_checkpoint(ckpt, out, dtype=None, max_shard_bytes: int = 2 << 30) -> 
     config.dtype = dt
     # whole or absent: a crash mid-export leaves only <out>.tmp; a full disk one line (and no <out>.tmp)
     tokenizer_bytes = sum(f.stat().st_size for f in Path(ckpt).glob("tokenizer*") if f.is_file())
-    n_student = sum(p.numel() for p in student.parameters())
-    n_dense = n_student + sum(
+    n_student = count_parameters(student)  # per-expert ranks: without their zero padding, as the report counts
+    n_dense = sum(p.numel() for n, p in student.named_parameters() if ".experts." not in n) + sum(
         3 * b.experts.num_experts * b.experts.intermediate_dim * b.experts.hidden_dim
-        - sum(p.numel() for p in b.experts.parameters())
         for _, b in find_moe_blocks(student)
     )
     needed = n_dense * torch.finfo(dt).bits // 8 + tokenizer_bytes + (1 << 20)

@@ -838,7 +838,8 @@ def rank_gains(mode: str, counts: list, spectra: list[dict] | None = None, *, sv
 
     ``frequency``: ``f_le / (j + 1)`` with ``f_le`` the share of layer ``l``'s routed pairs that went to
     expert ``e``. Taking the largest gains gives expert ``e`` about ``f_le / τ`` components for a
-    threshold ``τ``: ranks proportional to routing frequency, every layer the same budget.
+    threshold ``τ``: ranks proportional to routing frequency. The threshold is global, so every layer
+    gets about the same budget (rounding and the cap move a component or two between layers).
 
     ``frequency_energy``: from ``spectra`` (per layer, ``layer_spectrum``), the squared error the
     component removes, summed over gate, up and down: greedy on marginal energy per parameter.

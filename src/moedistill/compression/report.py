@@ -240,6 +240,9 @@ def markdown(report: dict) -> str:
         "| layer | gate | up | down | gate on inputs | up on inputs | down on inputs |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
+    if c0.get("ranks"):
+        lines[-3:-3] = ["", "Per-expert ranks: the errors on the weights only (the calibration Grams are gone by "
+                              "the time the ranks are chosen)."]
     for row in report["reconstruction_error"]:
         on = [f"{row[f'{p}_on_inputs']:.4f}" if f"{p}_on_inputs" in row else "-" for p in PROJECTIONS]
         lines.append(
