@@ -11,6 +11,7 @@ import itertools
 import json
 
 import pytest
+import test_compression as tc
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
@@ -30,24 +31,13 @@ from moedistill.compression.init import (
 from moedistill.compression.modeling_moedistill import PROJECTIONS, CompressedExperts, count_parameters, find_moe_blocks
 from moedistill.errors import UserError
 
-H, I, E, V = 32, 16, 4, 96
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+one_thread = tc.one_thread  # its fixture: one intra-op thread for these tiny matmuls
+H, I, E, V = tc.H, tc.I, tc.E, tc.V
 
 
 @pytest.fixture(scope="module")
 def teacher():
-    torch.manual_seed(0)
-    cfg = Qwen3MoeConfig(vocab_size=V, hidden_size=H, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         head_dim=8, num_experts_per_tok=2, initializer_range=0.1, intermediate_size=64,
-                         moe_intermediate_size=I, num_experts=E, norm_topk_prob=True, tie_word_embeddings=True)
-    return Qwen3MoeForCausalLM(cfg).eval()
+    return tc._teacher("qwen3_moe")  # test_compression's small Qwen3-MoE: 2 layers, 4 experts, full rank 16
 
 
 @pytest.fixture(scope="module")
