@@ -51,6 +51,16 @@ ROWS = {
                        "frequency_energy", 1),
     "ce-2x-alloc": ("CE-only, frequency_energy ranks, twice the steps", ["loss.alpha=0"], "topk", "frequency_energy",
                     2),
+    # beyond tiny.yaml: pure KL and twice the learning rate (the CE-only baseline at that rate too)
+    "fkl-tail-alloc-a1": ("forward KL, tail, frequency_energy, alpha 1", ["loss.tail=tail", "loss.alpha=1"], "topk",
+                          "frequency_energy", 1),
+    "fkl-tail-alloc-lr2": ("forward KL, tail, frequency_energy, lr 2e-3",
+                           ["loss.tail=tail", "training.learning_rate=2e-3"], "topk", "frequency_energy", 1),
+    "fkl-tail-alloc-a1-lr2": ("forward KL, tail, frequency_energy, alpha 1, lr 2e-3",
+                              ["loss.tail=tail", "loss.alpha=1", "training.learning_rate=2e-3"], "topk",
+                              "frequency_energy", 1),
+    "ce-alloc-lr2": ("CE-only, frequency_energy ranks, lr 2e-3", ["loss.alpha=0", "training.learning_rate=2e-3"],
+                     "topk", "frequency_energy", 1),
 }
 ALLOCATIONS = ("uniform", "frequency", "frequency_energy")
 
