@@ -1149,25 +1149,18 @@ def compress_model(
     r = resolve_rank(teacher, rank, compression_ratio)
     check_rank_allocation(rank_allocation, calibrated=calibration is not None)
     record = compression_record(teacher, r, core=core, svd=svd, stats=None, damping=damping)
-    if rank_allocation == "uniform" or r == 0:
-        student = new_student(teacher, r, record)
-        result = compress_layers(
-            teacher, {(core, svd): r}, calibration=calibration, keep=set(),
-            on_layer=lambda l, _variant, f: load_layer_factors(student, l, f),
-            damping=damping, batch_size=batch_size, check_fp64=False,
-        )
-        ranks = None
-    else:
-        spectra, result = allocation_pass(teacher, (core, svd), r, calibration, damping=damping,
-                                          batch_size=batch_size)
-        ranks = allocate_ranks(rank_gains(rank_allocation, result.stats.counts, spectra, svd=svd,
+    ranks = None
+    if rank_allocation != "uniform" and r > 0:  # the spectra first, then the same factors again at these ranks
+        spectra, first = allocation_pass(teacher, (core, svd), r, calibration, damping=damping,
+                                         batch_size=batch_size)
+        ranks = allocate_ranks(rank_gains(rank_allocation, first.stats.counts, spectra, svd=svd,
                                           cap=allocation_cap(r, full_rank(teacher))), r)
-        student = new_student(teacher, r, record, ranks=ranks)
-        compress_layers(  # the same factors again, kept only at the ranks given
-            teacher, {(core, svd): max(map(max, ranks))}, calibration=calibration, keep=set(),
-            on_layer=lambda l, _variant, f: load_layer_factors(student, l, f),
-            damping=damping, batch_size=batch_size, check_fp64=False,
-        )
+    student = new_student(teacher, r, record, ranks=ranks)
+    result = compress_layers(
+        teacher, {(core, svd): r if ranks is None else max(map(max, ranks))}, calibration=calibration, keep=set(),
+        on_layer=lambda l, _variant, f: load_layer_factors(student, l, f),
+        damping=damping, batch_size=batch_size, check_fp64=False,
+    )
     student.config.compression = {
         **compression_record(teacher, r, core=core, svd=svd, stats=result.stats, damping=damping,
                              rank_allocation=rank_allocation, ranks=ranks),
